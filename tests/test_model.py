@@ -1,0 +1,156 @@
+"""VQVAE, its layers and the seed converter."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from vqvae_jax import VQVAE
+from vqvae_jax.convert import from_seed_state_dict, seed_architecture, to_seed_state_dict
+from vqvae_jax.layers import ConvTranspose4x4s2, ResidualStack, conv_transpose_4x4_s2
+
+SMALL = dict(num_hiddens=16, num_residual_layers=2, num_residual_hiddens=8, num_embeddings=32,
+             embedding_dim=8)
+
+
+def images(batch=2, size=16, channels=3, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (batch, size, size, channels)) - 0.5
+
+
+@pytest.mark.parametrize('c_in,c_out,h,w', [(3, 5, 4, 6), (8, 3, 7, 5), (16, 8, 8, 8)])
+def test_conv_transpose_equals_the_transposed_convolution(c_in, c_out, h, w):
+  """Against the textbook definition: out[2i - 1 + k] += x[i] * w[k]."""
+  x = np.random.default_rng(0).normal(size=(2, h, w, c_in)).astype(np.float32)
+  kernel = np.random.default_rng(1).normal(size=(4, 4, c_in, c_out)).astype(np.float32)
+  expected = np.zeros((2, 2 * h + 2, 2 * w + 2, c_out))  # one extra row/col of padding per side
+  for i in range(h):
+    for j in range(w):
+      expected[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum('bc,yxco->byxo', x[:, i, j],
+                                                                 kernel)
+  expected = expected[:, 1:-1, 1:-1]
+  np.testing.assert_allclose(conv_transpose_4x4_s2(x, kernel), expected, rtol=1e-5, atol=1e-5)
+  # And against XLA's own transposed convolution.
+  reference = lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), ((2, 2), (2, 2)),
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(conv_transpose_4x4_s2(x, kernel), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_module_init_is_pytorchs():
+  layer = ConvTranspose4x4s2(features=64)
+  params = layer.init(jax.random.key(0), jnp.zeros((1, 2, 2, 128)))['params']
+  bound = 1 / np.sqrt(64 * 16)  # torch: fan_in from weight dim 1 (the output channels)
+  for value in params.values():
+    assert np.abs(value).max() <= bound and np.abs(value).max() > 0.9 * bound
+
+
+@pytest.mark.parametrize('skip', ['relu', 'identity'])
+def test_residual_skip(skip):
+  stack = ResidualStack(4, 1, 3, residual_skip=skip)
+  x = jax.random.normal(jax.random.key(0), (1, 3, 3, 4))
+  params = stack.init(jax.random.key(1), x)['params']
+  branch_params = params['layers_0_conv3x3']['kernel'], params['layers_0_conv1x1']['kernel']
+
+  def conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  branch = conv(jax.nn.relu(conv(jax.nn.relu(x), branch_params[0])), branch_params[1])
+  skip_value = jax.nn.relu(x) if skip == 'relu' else x
+  np.testing.assert_allclose(stack.apply({'params': params}, x),
+                             jax.nn.relu(skip_value + branch), atol=1e-6)
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.99])
+def test_model_shapes_dtypes_and_collections(decay):
+  model = VQVAE(**SMALL, decay=decay)
+  x = images()
+  variables = model.init(jax.random.key(0), x)
+  assert ('batch_stats' in variables) == (decay > 0)
+  recon, vq = model.apply(variables, x)
+  chex.assert_shape(recon, x.shape)
+  chex.assert_shape(vq.indices, (2, 4, 4))
+  chex.assert_shape(vq.quantized, (2, 4, 4, SMALL['embedding_dim']))
+  chex.assert_type([recon, vq.loss, vq.perplexity], jnp.float32)
+  codes = model.apply(variables, x, method=VQVAE.encode)
+  np.testing.assert_array_equal(codes, vq.indices)
+  decoded = model.apply(variables, codes, method=VQVAE.decode)
+  np.testing.assert_allclose(decoded, recon, atol=1e-6)
+
+
+def test_seed_initialisation():
+  model = VQVAE(**SMALL)
+  plain = model.init(jax.random.key(0), images())['params']['vq']['embedding']
+  assert np.abs(plain).max() <= 1 / 32 and np.abs(plain).max() > 0.9 / 32
+  stats = VQVAE(**SMALL, decay=0.99).init(jax.random.key(0), images())['batch_stats']['vq']
+  np.testing.assert_array_equal(stats['ema_cluster_size'], 0.0)
+  for name in ('embedding', 'ema_w'):  # N(0, 1), independently
+    assert 0.7 < np.std(stats[name]) < 1.3
+  assert not np.allclose(stats['embedding'], stats['ema_w'])
+
+
+def test_bfloat16_convolutions_float32_quantizer():
+  model = VQVAE(**SMALL, decay=0.99, dtype=jnp.bfloat16)
+  x = images()
+  variables = model.init(jax.random.key(0), x)
+  chex.assert_trees_all_equal_dtypes(variables, jax.tree.map(lambda a: a.astype(jnp.float32)
+                                                             if a.dtype != jnp.int32 else a,
+                                                             variables))
+  (recon, vq), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert vq.quantized.dtype == jnp.bfloat16
+  chex.assert_type([recon, vq.loss, vq.perplexity], jnp.float32)
+  chex.assert_type(jax.tree.leaves(updates), jnp.float32)
+  f32_recon, _ = VQVAE(**SMALL, decay=0.99).apply(variables, x)
+  assert np.abs(recon - f32_recon).max() < 0.05  # bf16 convs, same function
+
+
+@pytest.mark.parametrize('shape', [(2, 16, 16), (2, 15, 16, 3), (2, 16, 16, 1)])
+def test_bad_image_shape_is_named(shape):
+  with pytest.raises(ValueError, match=r'got shape \(' + ', '.join(map(str, shape)) + r'\)'):
+    VQVAE(**SMALL).init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_grayscale_images():
+  model = VQVAE(**SMALL, image_channels=1)
+  x = images(channels=1)
+  recon, _ = model.apply(model.init(jax.random.key(0), x), x)
+  chex.assert_shape(recon, x.shape)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(decay=1.0), r'decay must be in \[0, 1\).*got 1.0'),
+    (dict(num_hiddens=0), 'num_hiddens must be a positive integer, got 0'),
+    (dict(residual_skip='sum'), "residual_skip must be one of \\('relu', 'identity'\\), got 'sum'"),
+])
+def test_bad_model_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    VQVAE(**{**SMALL, **kwargs}).init(jax.random.key(0), images())
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.99])
+def test_seed_state_dict_round_trip(decay):
+  model = VQVAE(**SMALL, decay=decay)
+  variables = jax.tree.map(np.asarray, model.init(jax.random.key(0), images()))
+  arch = {**{k: SMALL[k] for k in SMALL}, 'ema': decay > 0}
+  state_dict = to_seed_state_dict(variables, arch)
+  assert seed_architecture(state_dict) == arch
+  chex.assert_trees_all_equal(from_seed_state_dict(state_dict, model), variables)
+
+
+def test_seed_state_dict_errors_name_the_key():
+  model = VQVAE(**SMALL, decay=0.99)
+  arch = {**SMALL, 'ema': True}
+  state_dict = to_seed_state_dict(model.init(jax.random.key(0), images()), arch)
+  missing = {k: v for k, v in state_dict.items() if k != '_decoder._conv_trans_1.bias'}
+  with pytest.raises(ValueError, match="missing key '_decoder._conv_trans_1.bias'"):
+    from_seed_state_dict(missing, model)
+  wrong = {**state_dict, '_pre_vq_conv.bias': np.zeros(5)}
+  with pytest.raises(ValueError, match=r"'_pre_vq_conv.bias' has shape \(5,\), expected \(8,\)"):
+    from_seed_state_dict(wrong, model)
+  with pytest.raises(ValueError, match="unexpected key 'extra.weight'"):
+    from_seed_state_dict({**state_dict, 'extra.weight': np.zeros(1)}, model)
+  with pytest.raises(ValueError, match='num_embeddings=32 but the model has num_embeddings=64'):
+    from_seed_state_dict(state_dict, VQVAE(**{**SMALL, 'num_embeddings': 64}, decay=0.99))
+  with pytest.raises(ValueError, match="missing key '_vq_vae._embedding.weight'"):
+    from_seed_state_dict({k: v for k, v in state_dict.items() if 'embedding' not in k})

@@ -1,0 +1,71 @@
+"""The quantizer's statistics cover the global batch on 8 devices (forced CPU devices).
+
+tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vqvae_jax import VQVAE, VectorQuantizerEMA
+
+SMALL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=8, num_embeddings=32,
+             embedding_dim=8, decay=0.9)
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  if jax.device_count() < 8:
+    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  return Mesh(np.array(jax.devices()[:8]), ('data',))
+
+
+def train_call(model, variables, x):
+  (recon, vq), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  return recon, vq.perplexity, vq.code_counts, updates['batch_stats']
+
+
+def test_jit_over_a_sharded_batch_equals_one_device(mesh):
+  model = VQVAE(**SMALL)
+  x = jax.random.uniform(jax.random.key(0), (16, 16, 16, 3)) - 0.5
+  variables = model.init(jax.random.key(1), x)
+  single = jax.jit(train_call, static_argnums=0)(model, variables, x)
+  replicated = NamedSharding(mesh, P())
+  sharded_x = jax.device_put(x, NamedSharding(mesh, P('data')))
+  sharded = jax.jit(train_call, static_argnums=0,
+                    out_shardings=(NamedSharding(mesh, P('data')), replicated, replicated,
+                                   replicated))(model, jax.device_put(variables, replicated),
+                                                sharded_x)
+  assert len(sharded[0].sharding.device_set) == 8
+  chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sharded[2].sum(), 16 * 4 * 4)  # global counts
+
+
+def test_shard_map_with_axis_name_equals_one_device(mesh):
+  """Each device sees 1/8 of the batch; `axis_name` psums counts and EMA sums."""
+  quantizer = VectorQuantizerEMA(32, 8, decay=0.9, axis_name='data')
+  reference = VectorQuantizerEMA(32, 8, decay=0.9)
+  x = jax.random.normal(jax.random.key(0), (64, 8))
+  variables = reference.init(jax.random.key(1), x)
+  # A warm state, so that many codes are in use.
+  variables = {'batch_stats': {**variables['batch_stats'],
+                               'embedding': x[:32], 'ema_w': x[:32] * 2,
+                               'ema_cluster_size': jnp.full((32,), 2.0)}}
+
+  def call(module, variables, x):
+    out, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+    return out.perplexity, out.code_counts, updates['batch_stats']
+
+  single = call(reference, variables, x)
+  per_device = jax.jit(jax.shard_map(
+      lambda v, x: call(quantizer, v, x), mesh=mesh, in_specs=(P(), P('data')),
+      out_specs=(P(), P(), P())))(variables, x)
+  assert float(single[0]) > 10
+  chex.assert_trees_all_close(per_device, single, rtol=1e-5, atol=1e-6)
+  # Without axis_name each device would see only its own 8 vectors.
+  local = jax.jit(jax.shard_map(
+      lambda v, x: call(reference, v, x)[1], mesh=mesh, in_specs=(P(), P('data')),
+      out_specs=P('data')))(variables, x)
+  assert local.shape == (8 * 32,) and float(local[:32].sum()) == 8

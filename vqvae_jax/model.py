@@ -1,0 +1,169 @@
+"""The seed's VQ-VAE (`Model` in `seed_torch.py`) as a Flax Linen module, NHWC."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqvae_jax.layers import Conv, ConvTranspose4x4s2, ResidualStack
+from vqvae_jax.quantizers import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+
+Array = jax.Array
+Dtype = Any
+
+
+class Encoder(nn.Module):
+  """The seed's `Encoder`: two 4x4 stride-2 convs with ReLU, a 3x3 conv, the residual stack.
+
+  `[B, H, W, C]` -> `[B, H/4, W/4, num_hiddens]`.
+  """
+
+  num_hiddens: int
+  num_residual_layers: int
+  num_residual_hiddens: int
+  residual_skip: str = 'relu'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = nn.relu(Conv(self.num_hiddens // 2, 4, stride=2, padding=1, dtype=self.dtype,
+                     name='conv_1')(x))
+    x = nn.relu(Conv(self.num_hiddens, 4, stride=2, padding=1, dtype=self.dtype,
+                     name='conv_2')(x))
+    x = Conv(self.num_hiddens, 3, padding=1, dtype=self.dtype, name='conv_3')(x)
+    return ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
+                         self.residual_skip, self.dtype, name='residual_stack')(x)
+
+
+class Decoder(nn.Module):
+  """The seed's `Decoder`: a 3x3 conv, the residual stack, two 4x4 stride-2 transposed convs.
+
+  `[B, h, w, D]` -> `[B, 4h, 4w, out_channels]`, with no output activation.
+  """
+
+  num_hiddens: int
+  num_residual_layers: int
+  num_residual_hiddens: int
+  out_channels: int = 3
+  residual_skip: str = 'relu'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = Conv(self.num_hiddens, 3, padding=1, dtype=self.dtype, name='conv_1')(x)
+    x = ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
+                      self.residual_skip, self.dtype, name='residual_stack')(x)
+    x = nn.relu(ConvTranspose4x4s2(self.num_hiddens // 2, self.dtype, name='conv_trans_1')(x))
+    return ConvTranspose4x4s2(self.out_channels, self.dtype, name='conv_trans_2')(x)
+
+
+class VQVAE(nn.Module):
+  """The seed's VQ-VAE: encoder, 1x1 pre-quantization conv, quantizer, decoder.
+
+  With the defaults and `decay > 0` this is the seed's `Model(..., decay)` and gives its outputs
+  for its converted weights (see `vqvae_jax.convert`). `decay == 0` selects `VectorQuantizer`
+  (codebook in `params`), `decay > 0` selects `VectorQuantizerEMA` (codebook in `batch_stats`).
+
+  Attributes:
+    num_hiddens: channels of the encoder and decoder (the seed's 128).
+    num_residual_layers: residual blocks in each stack (2).
+    num_residual_hiddens: channels inside a residual block (32).
+    num_embeddings: K, codebook size (512).
+    embedding_dim: D, code size (64).
+    commitment_cost: beta (0.25).
+    decay: EMA decay; 0.0 selects the plain quantizer.
+    epsilon: Laplace smoothing of the EMA quantizer.
+    zero_debias: Sonnet's and Haiku's zero-debiased EMA instead of the seed's
+      (see `VectorQuantizerEMA`).
+    residual_skip: `'relu'` (the seed as it runs) or `'identity'` (the paper); see
+      `ResidualStack`.
+    image_channels: channels of the images (3 in the seed; 1 for grayscale).
+    dtype: computation dtype of the convolutions, e.g. `jnp.bfloat16` on TPU. The quantizer,
+      the losses and the returned reconstructions are float32 regardless.
+    axis_name: inside `shard_map`, the batch axis for the quantizer's statistics.
+    distance_chunk_size: see `VectorQuantizer`.
+  """
+
+  num_hiddens: int = 128
+  num_residual_layers: int = 2
+  num_residual_hiddens: int = 32
+  num_embeddings: int = 512
+  embedding_dim: int = 64
+  commitment_cost: float = 0.25
+  decay: float = 0.0
+  epsilon: float = 1e-5
+  zero_debias: bool = False
+  residual_skip: str = 'relu'
+  image_channels: int = 3
+  dtype: Dtype = jnp.float32
+  axis_name: Optional[str] = None
+  distance_chunk_size: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ('num_hiddens', 'num_residual_layers', 'num_residual_hiddens',
+                 'image_channels'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < (0 if name == 'num_residual_layers' else 1):
+        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+    if self.num_hiddens < 2:
+      raise ValueError(f'num_hiddens must be >= 2 (the first conv has num_hiddens // 2 '
+                       f'channels), got {self.num_hiddens!r}.')
+    if not 0.0 <= self.decay < 1.0:
+      raise ValueError(f'decay must be in [0, 1) (0 selects the plain quantizer), got '
+                       f'{self.decay!r}.')
+    super().__post_init__()
+
+  def setup(self):
+    common = dict(num_hiddens=self.num_hiddens, num_residual_layers=self.num_residual_layers,
+                  num_residual_hiddens=self.num_residual_hiddens,
+                  residual_skip=self.residual_skip, dtype=self.dtype)
+    self.encoder = Encoder(**common)
+    self.pre_vq_conv = Conv(self.embedding_dim, 1, dtype=self.dtype)
+    quantizer = dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
+                     commitment_cost=self.commitment_cost, axis_name=self.axis_name,
+                     distance_chunk_size=self.distance_chunk_size)
+    if self.decay > 0:
+      self.vq = VectorQuantizerEMA(decay=self.decay, epsilon=self.epsilon,
+                                   zero_debias=self.zero_debias, **quantizer)
+    else:
+      self.vq = VectorQuantizer(**quantizer)
+    self.decoder = Decoder(out_channels=self.image_channels, **common)
+
+  def _check_images(self, images: Array) -> None:
+    if (images.ndim != 4 or images.shape[-1] != self.image_channels or images.shape[1] % 4 or
+        images.shape[2] % 4):
+      raise ValueError(
+          f'VQVAE expects images of shape [B, H, W, {self.image_channels}] (NHWC, image_channels='
+          f'{self.image_channels}) with H and W divisible by 4, got shape {tuple(images.shape)}.')
+
+  def latents(self, images: Array) -> Array:
+    """Encoder and pre-quantization conv: `[B, H, W, C]` -> `[B, H/4, W/4, D]`."""
+    self._check_images(images)
+    return self.pre_vq_conv(self.encoder(images.astype(self.dtype)))
+
+  def __call__(self, images: Array, train: bool = False) -> Tuple[Array, QuantizerOutput]:
+    """Reconstructs `images`.
+
+    Args:
+      images: float `[B, H, W, image_channels]`, H and W divisible by 4; the seed scales pixels
+        to [-0.5, 0.5].
+      train: update the EMA quantizer's `batch_stats` (pass `mutable=['batch_stats']`).
+
+    Returns:
+      `(reconstructions, vq)`: float32 `[B, H, W, image_channels]` and the quantizer's
+      `QuantizerOutput` (`vq.indices` is int32 `[B, H/4, W/4]`, `vq.loss` the VQ loss to add
+      to the reconstruction loss).
+    """
+    vq = self.vq(self.latents(images), train=train)
+    return self.decoder(vq.quantized).astype(jnp.float32), vq
+
+  def encode(self, images: Array) -> Array:
+    """Images `[B, H, W, C]` -> int32 code grid `[B, H/4, W/4]`. Never updates state."""
+    return self.vq(self.latents(images), train=False).indices
+
+  def decode(self, codes: Array) -> Array:
+    """Int code grid `[B, h, w]` -> float32 images `[B, 4h, 4w, image_channels]`."""
+    return self.decoder(self.vq.embed(codes).astype(self.dtype)).astype(jnp.float32)

@@ -1,0 +1,248 @@
+"""The training program end to end: data, resume, devices, hosts, signals and bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from train import trainer
+from train.checkpoints import load_model
+from train.configs import quickstart
+from vqvae_jax import VQVAE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=4,
+                  num_embeddings=16, embedding_dim=4)
+# The same tiny run as command-line overrides, for the tests that run `python -m train`.
+TINY_FLAGS = [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()] + [
+    '--config.batch_size=8', '--config.eval_batch_size=64', '--config.steps_per_dispatch=2',
+    '--config.log_every_steps=2', '--config.eval_every_steps=4',
+    '--config.checkpoint_every_steps=2', '--config.num_reconstructions=4']
+
+
+def tiny_config(**overrides):
+  config = quickstart.get_config()
+  config.model.update(TINY_MODEL)
+  config.update(dict(batch_size=8, eval_batch_size=64, num_train_steps=4, steps_per_dispatch=2,
+                     log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=2,
+                     num_reconstructions=4))
+  config.update(overrides)
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def run_cli(workdir, *flags, devices=1, config='train/configs/quickstart.py', env=None,
+            timeout=300):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run(
+      [sys.executable, '-m', 'train', f'--config={config}', f'--workdir={workdir}', *flags],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def final_params(workdir):
+  _, variables = load_model(workdir)
+  return variables
+
+
+def test_quickstart_data_end_to_end(tmp_path):
+  workdir = str(tmp_path)
+  result = trainer.train_and_evaluate(tiny_config(), workdir)
+  lines = read_metrics(workdir)
+  assert [line['step'] for line in lines] == [2, 4, 4]
+  for key in ('eval_nmse', 'eval_psnr', 'eval_perplexity', 'eval_codes_used'):
+    assert key in lines[-1] and np.isfinite(lines[-1][key])
+  assert {'loss', 'nmse', 'vq_loss', 'perplexity', 'images_per_sec'} <= set(lines[0])
+  assert 1 <= result['eval_codes_used'] <= 16
+  assert result['eval_dead_codes'] == 16 - result['eval_codes_used']
+  for name in ('reconstructions.png', 'code_usage.png', 'run.json'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) >= ['2', '4']
+  # One call loads the trained model for encode/decode.
+  model, variables = load_model(workdir)
+  images = np.zeros((2, 32, 32, 3), np.float32)
+  codes = model.apply(variables, images, method=VQVAE.encode)
+  assert codes.shape == (2, 8, 8) and codes.dtype == np.int32
+  assert model.apply(variables, codes, method=VQVAE.decode).shape == images.shape
+
+
+def test_tfds_mock_data_end_to_end(tmp_path):
+  config = tiny_config(dataset='cifar10', num_train_steps=2, eval_every_steps=2)
+  with tfds.testing.mock_data(num_examples=48):
+    result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result['eval_nmse']) and result['eval_psnr'] > 0
+  info = json.load(open(tmp_path / 'run.json'))
+  assert info['image_shape'] == [32, 32, 3]
+  assert 0.01 < info['data_variance'] < 0.2  # random uint8 pixels: ~1/12
+
+
+def test_grayscale_tfds_dataset(tmp_path):
+  config = tiny_config(dataset='mnist', num_train_steps=2, eval_every_steps=2)
+  with tfds.testing.mock_data(num_examples=24):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  model, variables = load_model(str(tmp_path))
+  assert model.image_channels == 1
+  recon, _ = model.apply(variables, np.zeros((1, 28, 28, 1), np.float32))
+  assert recon.shape == (1, 28, 28, 1)
+
+
+def test_npz_and_folder_datasets(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+  np.savez(tmp_path / 'data.npz', train=images[:30], eval=images[30:])
+  result = trainer.train_and_evaluate(
+      tiny_config(dataset=f'npz:{tmp_path}/data.npz', num_train_steps=2, eval_every_steps=2),
+      str(tmp_path / 'npz_run'))
+  assert np.isfinite(result['eval_nmse'])
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  for i, image in enumerate(rng.integers(0, 256, (20, 24, 20, 3), dtype=np.uint8)):
+    Image.fromarray(image).save(folder / f'{i:02d}.png')
+  trainer.train_and_evaluate(
+      tiny_config(dataset=f'folder:{folder}', image_size=16, num_train_steps=2,
+                  eval_every_steps=2), str(tmp_path / 'folder_run'))
+  assert json.load(open(tmp_path / 'folder_run' / 'run.json'))['image_shape'] == [16, 16, 3]
+
+
+def test_resume_continues_identically(tmp_path):
+  """4 steps straight == 2 steps, a restart, and 2 more: same params, bit for bit."""
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  trainer.train_and_evaluate(tiny_config(), straight)
+  trainer.train_and_evaluate(tiny_config(num_train_steps=2), resumed)
+  trainer.train_and_evaluate(tiny_config(), resumed)
+  a, b = final_params(straight), final_params(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert [line['step'] for line in read_metrics(resumed)] == [2, 2, 4, 4]
+  assert read_metrics(resumed)[-1] == {**read_metrics(straight)[-1]}
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  config = tiny_config()
+  config.model.num_embeddings = 32
+  with pytest.raises(trainer.UserError, match=r'config.model.num_embeddings=16.*=32'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+  workdir = str(tmp_path)
+  trainer.train_and_evaluate(tiny_config(), workdir)
+  state_dir = tmp_path / 'checkpoints' / '4' / 'state'
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  result = run_cli(workdir, *TINY_FLAGS, '--config.num_train_steps=6')
+  assert result.returncode == 0, result.stderr
+  assert 'checkpoint at step 4 is unreadable' in result.stdout
+  assert 'Resuming' in result.stdout and 'from step 2' in result.stdout
+  assert read_metrics(workdir)[-1]['step'] == 6
+
+
+def test_eight_devices_give_the_same_metrics_as_one(tmp_path):
+  runs = {}
+  for devices in (1, 8):
+    workdir = str(tmp_path / f'devices{devices}')
+    result = run_cli(workdir, *TINY_FLAGS, '--config.num_train_steps=4', devices=devices)
+    assert result.returncode == 0, result.stderr
+    runs[devices] = read_metrics(workdir)
+  for one, eight in zip(runs[1], runs[8]):
+    assert one.keys() == eight.keys()
+    for key in one:
+      if key != 'images_per_sec':
+        np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, err_msg=key)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """jax.distributed over 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices."""
+  flags = [*TINY_FLAGS, '--config.num_train_steps=4']
+  single = str(tmp_path / 'single')
+  result = run_cli(single, *flags, devices=2)
+  assert result.returncode == 0, result.stderr
+  multi = str(tmp_path / 'multi')
+  address = f'127.0.0.1:{free_port()}'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'JAX_PLATFORMS': 'cpu'}
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'train', '--config=train/configs/quickstart.py',
+       f'--workdir={multi}', *flags, f'--coordinator_address={address}', '--num_processes=2',
+       f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err
+  a, b = final_params(single), final_params(multi)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  assert read_metrics(multi)[-1]['step'] == 4
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'train', '--config=train/configs/quickstart.py',
+       f'--workdir={workdir}', *TINY_FLAGS, '--config.num_train_steps=100000',
+       '--config.checkpoint_every_steps=0', '--config.eval_every_steps=0'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert 'SIGTERM: saved a checkpoint at step' in out
+  step = int(out.split('SIGTERM: saved a checkpoint at step ')[1].split(';')[0])
+  assert 0 < step < 100000
+  assert str(step) in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+@pytest.mark.parametrize('flags,devices,message', [
+    (['--config.dataset=no_such_dataset'], 1, "unknown dataset 'no_such_dataset'; accepted: "),
+    (['--config.batchsize=8'], 1, "unknown config key 'batchsize'"),
+    (['--config.model.num_codes=8'], 1, "unknown config key 'model.num_codes'"),
+    (['--config.batch_size=eight'], 1, '--config.batch_size=eight: invalid literal'),
+    (['--config.batch_size=0'], 1, 'config.batch_size=0; accepted: a positive integer'),
+    (['--config.batch_size=-4'], 1, 'config.batch_size=-4; accepted: a positive integer'),
+    (['--config.batch_size=12'], 8, 'config.batch_size=12 is not divisible by the 8 devices'),
+    (['--config.model.decay=1.5'], 1, r'decay must be in [0, 1)'),
+])
+def test_bad_input_is_one_line_and_keeps_the_workdir(tmp_path, flags, devices, message):
+  (tmp_path / 'precious.txt').write_text('keep me')
+  result = run_cli(str(tmp_path), *flags, devices=devices)
+  assert result.returncode == 2
+  output = result.stdout + result.stderr
+  assert 'Traceback' not in output
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert (tmp_path / 'precious.txt').read_text() == 'keep me'
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_unwritable_workdir(tmp_path):
+  not_a_dir = tmp_path / 'file'
+  not_a_dir.write_text('')
+  result = run_cli(str(not_a_dir / 'run'))
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert f"workdir '{not_a_dir / 'run'}' is not writable" in result.stderr

@@ -1,0 +1,507 @@
+"""Training-step throughput of the seed config against the seed's PyTorch, and large codebooks.
+
+    python -m train.bench --out benchmarks/cpu.json --markdown benchmarks/cpu.md
+    python -m train.bench --batch_sizes=256 --dtypes=float32 --quantizers=ema --steps=5
+
+For each quantizer (EMA 0.99 and plain), batch size and dtype it times the jit-compiled step of
+`train.step` (`create_train_state`, `make_train_step`, `jax.jit(..., donate_argnums=0)`) after
+compilation, and on the same device and batch the seed's PyTorch model (eager and
+`torch.compile`) when torch is installed. PyTorch always runs the seed as written, in float32;
+the bfloat16 rows compare against that. It reports images/s, peak memory, XLA's FLOP count and
+the fraction of the device's peak, then times `nearest_code` with a 65,536-code codebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train.step import create_train_state, make_train_step
+from vqvae_jax import VQVAE
+from vqvae_jax.quantizers import nearest_code, squared_distances
+
+SEED_TORCH = Path(__file__).resolve().parent.parent / 'tests' / 'golden' / 'seed_torch.py'
+# The seed config: Model(128, 2, 32, 512, 64, 0.25, decay), Adam 3e-4, 32x32x3 images.
+SEED_MODEL = dict(num_hiddens=128, num_residual_layers=2, num_residual_hiddens=32,
+                  num_embeddings=512, embedding_dim=64, commitment_cost=0.25)
+DECAYS = {'ema': 0.99, 'plain': 0.0}
+LEARNING_RATE = 3e-4
+IMAGE_SIZE = 32
+DATA_VARIANCE = 0.06327  # CIFAR-10's, as in the seed's notebook; it does not change the speed.
+
+# Dense peak TFLOP/s by device_kind substring: (float32, bfloat16), from the vendors' data
+# sheets (SXM parts for NVIDIA). TPUs run float32 matmuls as bfloat16 passes, so only the
+# bfloat16 peak is listed for them.
+ACCELERATOR_PEAK_TFLOPS = {
+    'H200': (67.0, 989.0),
+    'H100': (67.0, 989.0),
+    'A100': (19.5, 312.0),
+    'L4': (30.3, 121.0),
+    'A10G': (31.2, 125.0),
+    'TPU v6': (None, 918.0),
+    'TPU v5p': (None, 459.0),
+    'TPU v5': (None, 197.0),  # v5e, which reports 'TPU v5 lite'
+    'TPU v4': (None, 275.0),
+}
+
+
+@dataclasses.dataclass
+class Measurement:
+  """One timed configuration."""
+
+  framework: str  # 'jax', 'torch eager' or 'torch.compile'
+  quantizer: str
+  batch_size: int
+  dtype: str
+  images_per_s: Optional[float] = None
+  step_ms: Optional[float] = None
+  peak_memory_mb: Optional[float] = None
+  peak_memory_increase_mb: Optional[float] = None  # over the memory in use before it started
+  flops_per_step: Optional[float] = None
+  achieved_tflops: Optional[float] = None
+  fraction_of_peak: Optional[float] = None
+  compile_s: Optional[float] = None
+  skipped: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Device, memory and peak FLOP/s.
+
+
+def cpu_model() -> str:
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
+def _cpu_flags() -> set:
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('flags'):
+        return set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _cpu_mhz() -> Optional[float]:
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('cpu MHz'):
+        return float(line.split(':', 1)[1])
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+def device_description() -> Dict[str, Any]:
+  device = jax.devices()[0]
+  return dict(platform=device.platform, device_kind=device.device_kind,
+              num_devices=jax.device_count(), cpu_model=cpu_model(),
+              cpu_count=os.cpu_count(), jax_version=jax.__version__)
+
+
+def peak_tflops(dtype: str, cpu_peak_gflops: Optional[float] = None) -> tuple:
+  """`(peak TFLOP/s or None, how it was obtained)` for the first device and `dtype`."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    if cpu_peak_gflops:
+      return cpu_peak_gflops / 1e3, 'given by --cpu_peak_gflops'
+    flags, mhz = _cpu_flags(), _cpu_mhz()
+    if mhz is None:
+      return None, 'unknown: /proc/cpuinfo has no cpu MHz'
+    # float32 FLOPs per cycle per core, assuming two FMA units: 2 x 2 x (vector width / 32).
+    lanes = 16 if 'avx512f' in flags else 8 if {'avx2', 'fma'} <= flags else 4
+    per_cycle = 2 * 2 * lanes
+    cores = os.cpu_count() or 1
+    # XLA:CPU has no native bfloat16 arithmetic here: its float32 peak bounds both dtypes.
+    return (cores * mhz * 1e6 * per_cycle / 1e12,
+            f'estimated: {cores} cores x {mhz:.0f} MHz x {per_cycle} float32 FLOP/cycle '
+            f'({lanes} lanes, 2 FMA units assumed), float32 peak used for every dtype')
+  for name, (fp32, bf16) in ACCELERATOR_PEAK_TFLOPS.items():
+    if name in device.device_kind:
+      peak = bf16 if dtype == 'bfloat16' or fp32 is None else fp32
+      return peak, f'data sheet, dense {dtype if fp32 else "bfloat16"}, {name}'
+  return None, f'unknown device_kind {device.device_kind!r}'
+
+
+class PeakMemory:
+  """Peak memory over a block of work: the device allocator's peak, else the process's RSS.
+
+  On CPU, JAX's buffers live in the process, so the peak resident set size is the measure. Linux
+  resets it on writing 5 to /proc/self/clear_refs; where that fails the value is the process's
+  lifetime peak (`getrusage`), which only grows.
+  """
+
+  def __init__(self):
+    self.source = ''
+
+  def __enter__(self):
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+      self.source = 'device allocator peak_bytes_in_use (lifetime peak)'
+      self.baseline_bytes = stats['bytes_in_use']
+    else:
+      try:
+        Path('/proc/self/clear_refs').write_text('5')
+        self.source = 'process peak RSS (VmHWM, reset before each measurement)'
+      except OSError:
+        self.source = 'process lifetime peak RSS (getrusage; not resettable here)'
+      self.baseline_bytes = _proc_status_bytes('VmRSS:')
+    return self
+
+  def __exit__(self, *exc):
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+      self.peak_bytes = stats['peak_bytes_in_use']
+    elif 'VmHWM' in self.source:
+      self.peak_bytes = _proc_status_bytes('VmHWM:')
+    else:
+      self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return False
+
+  @property
+  def increase_mb(self) -> float:
+    return (self.peak_bytes - self.baseline_bytes) / 2**20
+
+
+def _proc_status_bytes(field: str) -> int:
+  try:
+    for line in Path('/proc/self/status').read_text().splitlines():
+      if line.startswith(field):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _time_per_call(run: Callable[[], Any], calls: int) -> float:
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = run()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
+def _cost_flops(compiled) -> Optional[float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and 'flops' in analysis else None
+
+
+# --------------------------------------------------------------------------------------------
+# JAX.
+
+
+def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int,
+              model_config: Optional[Dict[str, Any]] = None, image_size: int = IMAGE_SIZE,
+              cpu_peak_gflops: Optional[float] = None) -> Measurement:
+  """Times `steps` calls of the jitted training step, one optimizer step per call."""
+  model = VQVAE(**(model_config or SEED_MODEL), decay=DECAYS[quantizer],
+                dtype=jnp.dtype(dtype))
+  tx = optax.adam(LEARNING_RATE)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (1, batch_size, image_size, image_size, 3),
+                                    dtype=np.uint8))
+  data_variance = jnp.float32(DATA_VARIANCE)
+  with PeakMemory() as memory:
+    state = create_train_state(model, tx, jax.random.key(0), images[0])
+    train_steps = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = train_steps.lower(state, images, data_variance).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, images, data_variance)  # the first run allocates
+    jax.block_until_ready(metrics)
+
+    def run():
+      nonlocal state, metrics
+      state, metrics = compiled(state, images, data_variance)
+      return metrics
+
+    step_s = _time_per_call(run, steps)
+  if not np.isfinite(float(metrics['loss'])):
+    raise FloatingPointError(f'non-finite loss in {quantizer} {dtype} batch {batch_size}')
+  flops = _cost_flops(compiled)
+  peak, _ = peak_tflops(dtype, cpu_peak_gflops)
+  achieved = flops / step_s / 1e12 if flops else None
+  return Measurement('jax', quantizer, batch_size, dtype, images_per_s=batch_size / step_s,
+                     step_ms=step_s * 1e3, peak_memory_mb=memory.peak_bytes / 2**20,
+                     peak_memory_increase_mb=memory.increase_mb,
+                     flops_per_step=flops, achieved_tflops=achieved,
+                     fraction_of_peak=achieved / peak if achieved and peak else None,
+                     compile_s=compile_s)
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's PyTorch.
+
+
+def _import_seed_torch():
+  spec = importlib.util.spec_from_file_location('seed_torch', SEED_TORCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def bench_torch(quantizer: str, batch_size: int, steps: int,
+                compile_model: bool) -> Measurement:
+  """The seed's training step: `mse(recon, x) / var + vq_loss`, Adam, float32, eager or
+  `torch.compile`d."""
+  framework = 'torch.compile' if compile_model else 'torch eager'
+  result = Measurement(framework, quantizer, batch_size, 'float32')
+  try:
+    import torch
+    import torch.nn.functional as F
+  except ImportError as error:
+    result.skipped = f'torch is not installed ({error})'
+    return result
+  if not SEED_TORCH.exists():
+    result.skipped = f'the seed model {SEED_TORCH} is missing'
+    return result
+  seed = _import_seed_torch()
+  torch.manual_seed(0)
+  model = seed.Model(SEED_MODEL['num_hiddens'], SEED_MODEL['num_residual_layers'],
+                     SEED_MODEL['num_residual_hiddens'], SEED_MODEL['num_embeddings'],
+                     SEED_MODEL['embedding_dim'], SEED_MODEL['commitment_cost'],
+                     DECAYS[quantizer])
+  optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+  images = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE) - 0.5
+  forward = model
+  if compile_model:
+    try:
+      forward = torch.compile(model)
+    except Exception as error:  # torch.compile raises many types; all mean "not available".
+      result.skipped = f'torch.compile failed: {type(error).__name__}: {error}'[:300]
+      return result
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    vq_loss, recon, _ = forward(images)
+    loss = F.mse_loss(recon, images) / DATA_VARIANCE + vq_loss
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  with PeakMemory() as memory:
+    start = time.perf_counter()
+    try:
+      for _ in range(3):  # torch.compile compiles again once the optimizer has state
+        step()
+    except Exception as error:
+      result.skipped = f'{framework} failed: {type(error).__name__}: {error}'[:300]
+      return result
+    result.compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+      loss = step()
+    loss.item()
+    step_s = (time.perf_counter() - start) / steps
+  result.images_per_s = batch_size / step_s
+  result.step_ms = step_s * 1e3
+  result.peak_memory_mb = memory.peak_bytes / 2**20
+  result.peak_memory_increase_mb = memory.increase_mb
+  return result
+
+
+# --------------------------------------------------------------------------------------------
+# Large codebooks.
+
+
+def bench_large_codebook(num_vectors: int, num_codes: int, dim: int, chunk_size: int,
+                         subset: int) -> Dict[str, Any]:
+  """`nearest_code` over `num_vectors` with `num_codes` codes, chunked, against the direct
+  `[N, K]` computation on the first `subset` vectors (the full direct matrix does not fit)."""
+  keys = jax.random.split(jax.random.key(1), 2)
+  codebook = jax.random.normal(keys[0], (num_codes, dim), jnp.float32)
+  vectors = jax.random.normal(keys[1], (num_vectors, dim), jnp.float32)
+  chunked = jax.jit(lambda x, e: nearest_code(x, e, chunk_size))
+  direct = jax.jit(lambda x, e: nearest_code(x, e, None))
+  jax.block_until_ready((codebook, vectors))
+
+  with PeakMemory() as chunked_memory:
+    start = time.perf_counter()
+    indices = jax.block_until_ready(chunked(vectors, codebook))
+    chunked_s = time.perf_counter() - start  # includes compilation, which is ~1 s of it
+  with PeakMemory() as direct_memory:
+    direct_indices = jax.block_until_ready(direct(vectors[:subset], codebook))
+  # Distances tie to the last bit only by chance; count them rather than fail on them.
+  distances = squared_distances(vectors[:subset], codebook)
+  picked = jnp.take_along_axis(distances, indices[:subset, None], axis=1)[:, 0]
+  best = jnp.min(distances, axis=1)
+  return dict(
+      num_vectors=num_vectors, num_codes=num_codes, dim=dim, chunk_size=chunk_size,
+      subset=subset, seconds_chunked_with_compile=chunked_s,
+      vectors_per_s=num_vectors / chunked_s,
+      indices_equal_on_subset=int(jnp.sum(indices[:subset] == direct_indices)),
+      indices_at_min_distance_on_subset=int(jnp.sum(picked == best)),
+      peak_memory_mb_chunked_full=chunked_memory.peak_bytes / 2**20,
+      peak_memory_increase_mb_chunked_full=chunked_memory.increase_mb,
+      peak_memory_mb_direct_subset=direct_memory.peak_bytes / 2**20,
+      peak_memory_increase_mb_direct_subset=direct_memory.increase_mb,
+      distance_matrix_mb_chunk=chunk_size * num_codes * 4 / 2**20,
+      distance_matrix_mb_direct_subset=subset * num_codes * 4 / 2**20,
+      distance_matrix_mb_direct_full_theoretical=num_vectors * num_codes * 4 / 2**20,
+      memory_source=chunked_memory.source)
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+
+def ratios(measurements: Sequence[Measurement]) -> List[Dict[str, Any]]:
+  """One row per JAX measurement, with its ratios to PyTorch at the same quantizer and batch."""
+  torch_ips = {(m.framework, m.quantizer, m.batch_size): m.images_per_s for m in measurements
+               if m.framework != 'jax'}
+  rows = []
+  for m in measurements:
+    if m.framework != 'jax':
+      continue
+    eager = torch_ips.get(('torch eager', m.quantizer, m.batch_size))
+    compiled = torch_ips.get(('torch.compile', m.quantizer, m.batch_size))
+    rows.append(dict(quantizer=m.quantizer, batch_size=m.batch_size, dtype=m.dtype,
+                     jax_images_per_s=m.images_per_s, torch_eager_images_per_s=eager,
+                     torch_compile_images_per_s=compiled,
+                     jax_over_torch_eager=m.images_per_s / eager if eager else None,
+                     jax_over_torch_compile=m.images_per_s / compiled if compiled else None))
+  return rows
+
+
+def _fmt(value, spec='.1f'):
+  return '-' if value is None else format(value, spec)
+
+
+def markdown(report: Dict[str, Any]) -> str:
+  device = report['device']
+  lines = [f"Device: {device['platform']} / {device['device_kind']} / {device['cpu_model']} "
+           f"({device['cpu_count']} CPUs), jax {device['jax_version']}.",
+           f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}.", '',
+           '| quantizer | batch | dtype | JAX img/s | torch eager | torch.compile | '
+           'JAX/eager | JAX/compile |', '|---|---|---|---|---|---|---|---|']
+  for row in report['ratios']:
+    lines.append(
+        f"| {row['quantizer']} | {row['batch_size']} | {row['dtype']} | "
+        f"{_fmt(row['jax_images_per_s'])} | {_fmt(row['torch_eager_images_per_s'])} | "
+        f"{_fmt(row['torch_compile_images_per_s'])} | {_fmt(row['jax_over_torch_eager'], '.2f')}"
+        f" | {_fmt(row['jax_over_torch_compile'], '.2f')} |")
+  lines += ['', '| framework | quantizer | batch | dtype | step ms | peak MB (+increase) | '
+            'GFLOP/step | TFLOP/s | of peak | compile s | note |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
+  for m in report['measurements']:
+    flops = m['flops_per_step'] / 1e9 if m['flops_per_step'] else None
+    lines.append(
+        f"| {m['framework']} | {m['quantizer']} | {m['batch_size']} | {m['dtype']} | "
+        f"{_fmt(m['step_ms'])} | {_fmt(m['peak_memory_mb'], '.0f')} "
+        f"(+{_fmt(m['peak_memory_increase_mb'], '.0f')}) | {_fmt(flops)} | "
+        f"{_fmt(m['achieved_tflops'], '.3f')} | {_fmt(m['fraction_of_peak'], '.1%')} | "
+        f"{_fmt(m['compile_s'])} | {m['skipped'] or ''} |")
+  large = report.get('large_codebook')
+  if large:
+    lines += ['', f"Large codebook: K={large['num_codes']}, D={large['dim']}, "
+              f"N={large['num_vectors']}, chunk {large['chunk_size']}: "
+              f"{large['seconds_chunked_with_compile']:.1f} s with compilation; indices equal to "
+              f"the direct computation on {large['indices_equal_on_subset']} of "
+              f"{large['subset']} vectors ({large['indices_at_min_distance_on_subset']} at the "
+              f"minimum distance). Peak memory increase: chunked over all N "
+              f"{large['peak_memory_increase_mb_chunked_full']:.0f} MB (its [chunk, K] distances: "
+              f"{large['distance_matrix_mb_chunk']:.0f} MB), direct over the subset "
+              f"{large['peak_memory_increase_mb_direct_subset']:.0f} MB (distances "
+              f"{large['distance_matrix_mb_direct_subset']:.0f} MB); the direct [N, K] float32 "
+              f"distances over all N would need "
+              f"{large['distance_matrix_mb_direct_full_theoretical'] / 1024:.1f} GiB."]
+  return '\n'.join(lines) + '\n'
+
+
+def _csv(kind):
+  return lambda text: [kind(item) for item in text.split(',') if item]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quantizers', type=_csv(str), default=['ema', 'plain'],
+                      help='comma-separated: ema, plain')
+  parser.add_argument('--batch_sizes', type=_csv(int), default=[32, 256])
+  parser.add_argument('--dtypes', type=_csv(str), default=['float32', 'bfloat16'])
+  parser.add_argument('--steps', type=int, default=10, help='timed steps per configuration')
+  parser.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
+                      help='time the seed PyTorch model (eager)')
+  parser.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True,
+                      help='also time torch.compile')
+  parser.add_argument('--large_n', type=int, default=1 << 20,
+                      help='vectors for the large-codebook search; 0 skips it')
+  parser.add_argument('--large_k', type=int, default=65536)
+  parser.add_argument('--large_chunk_size', type=int, default=1024)
+  parser.add_argument('--large_subset', type=int, default=2048,
+                      help='vectors checked against the direct [N, K] computation')
+  parser.add_argument('--cpu_peak_gflops', type=float, default=None,
+                      help='the CPU peak to report utilisation against (default: estimated)')
+  parser.add_argument('--out', type=str, default=None, help='write the report as JSON here')
+  parser.add_argument('--markdown', type=str, default=None, help='write a markdown table here')
+  args = parser.parse_args(argv)
+  for quantizer in args.quantizers:
+    if quantizer not in DECAYS:
+      parser.error(f'--quantizers: {quantizer!r} is not one of {sorted(DECAYS)}')
+  for dtype in args.dtypes:
+    if dtype not in ('float32', 'bfloat16'):
+      parser.error(f'--dtypes: {dtype!r} is not float32 or bfloat16')
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+  args = parse_args(argv)
+  device = device_description()
+  print(f"device: {device}", flush=True)
+  measurements: List[Measurement] = []
+  for quantizer in args.quantizers:
+    for batch_size in args.batch_sizes:
+      # PyTorch first in each group, so that JAX's allocations do not sit under its RSS peak.
+      if args.torch:
+        for compile_model in (False, True) if args.torch_compile else (False,):
+          measurements.append(bench_torch(quantizer, batch_size, args.steps, compile_model))
+          print(measurements[-1], flush=True)
+      for dtype in args.dtypes:
+        measurements.append(bench_jax(quantizer, batch_size, dtype, args.steps,
+                                      cpu_peak_gflops=args.cpu_peak_gflops))
+        print(measurements[-1], flush=True)
+  large = None
+  if args.large_n:
+    large = bench_large_codebook(args.large_n, args.large_k, 64, args.large_chunk_size,
+                                 min(args.large_subset, args.large_n))
+    print(large, flush=True)
+  with PeakMemory() as probe:
+    pass
+  report = dict(device=device, peak_note=peak_tflops('float32', args.cpu_peak_gflops)[1],
+                memory_source=probe.source, argv=sys.argv[1:] if argv is None else list(argv),
+                measurements=[dataclasses.asdict(m) for m in measurements],
+                ratios=ratios(measurements), large_codebook=large)
+  table = markdown(report)
+  print(table)
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + '\n')
+  if args.markdown:
+    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.markdown).write_text(table)
+  return report
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,160 @@
+"""Checkpoints (orbax `CheckpointManager`), the run's stored config, and loading a trained model.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+crash, a kill or a preemption mid-save leaves the previous checkpoints intact. A checkpoint
+that still fails to restore is skipped in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from train.errors import UserError
+from train.step import abstract_train_state, make_optimizer, model_from_config
+from vqvae_jax import VQVAE
+
+RUN_FILE = 'run.json'
+# Config keys that define the model and the data it learns; a resumed run must keep them.
+IDENTITY_KEYS = ('dataset', 'image_size', 'model')
+
+
+class Checkpoints:
+  """Periodic asynchronous saves into `workdir/checkpoints`, keeping the last `keep`."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.workdir = os.path.abspath(workdir)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def save(self, step: int, state: Any) -> None:
+    """Starts saving `state` in the background; returns at once."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any) -> Optional[Any]:
+    """The newest checkpoint that restores, or None if there is none.
+
+    Args:
+      abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings (from `jax.eval_shape`).
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored.state
+      except Exception as e:  # pylint: disable=broad-except
+        # Any failure to read is treated the same: this checkpoint is unusable, the earlier
+        # ones may not be.
+        aside = self._set_aside(step)
+        message = (f'checkpoint at step {step} is unreadable ({type(e).__name__}: '
+                   f'{str(e).splitlines()[0] if str(e) else ""}); moved it to {aside} and fell '
+                   f'back to the previous one.')
+        logging.warning(message)
+        print(f'warning: {message}', flush=True)
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves an unreadable checkpoint out of the manager's way, keeping it for inspection."""
+    aside = os.path.join(self.workdir, 'unreadable_checkpoints', f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(self.manager.directory, str(step)), aside)
+    self.manager.reload()
+    return aside
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def write_run_info(workdir: str, config: ml_collections.ConfigDict, variance: float,
+                   image_shape: Tuple[int, ...]) -> float:
+  """Stores the config and the data facts with the run; refuses an incompatible resume.
+
+  Returns:
+    The data variance the run trains with: the stored one when resuming.
+  """
+  path = os.path.join(workdir, RUN_FILE)
+  info = {'config': config.to_dict(), 'data_variance': variance, 'image_shape': list(image_shape)}
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    for key in IDENTITY_KEYS:
+      for name, (old, new) in _differences(key, stored['config'].get(key),
+                                           info['config'].get(key)).items():
+        raise UserError(f'workdir {workdir} holds a run with config.{name}={old!r}, but this run '
+                        f'has config.{name}={new!r}; use another --workdir, or the same config '
+                        f'to resume.')
+    if stored['image_shape'] != info['image_shape']:
+      raise UserError(f'workdir {workdir} holds a run on images of shape {stored["image_shape"]},'
+                      f' but the data now has shape {info["image_shape"]}.')
+    info['data_variance'] = stored['data_variance']  # the variance the run was trained with
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(info, f, indent=2)
+    os.replace(tmp, path)
+  return info['data_variance']
+
+
+def read_run_info(workdir: str) -> Dict[str, Any]:
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    raise UserError(f'{workdir} holds no training run (no {RUN_FILE}).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _differences(name: str, old: Any, new: Any) -> Dict[str, Tuple[Any, Any]]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = {}
+    for key in sorted(set(old) | set(new)):
+      out.update(_differences(f'{name}.{key}', old.get(key), new.get(key)))
+    return out
+  return {} if old == new else {name: (old, new)}
+
+
+def load_model(workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, Dict[str, Any]]:
+  """A trained model and its variables, for `encode`/`decode` in a notebook.
+
+      model, variables = load_model('runs/quickstart')
+      codes = model.apply(variables, images, method=VQVAE.encode)
+
+  Args:
+    workdir: the `--workdir` of a training run.
+    step: the checkpoint to load; the latest by default.
+
+  Returns:
+    `(model, {'params': ..., 'batch_stats': ...})`. The model takes float images in
+    [-0.5, 0.5] (`uint8 / 255 - 0.5`), NHWC.
+  """
+  info = read_run_info(workdir)
+  config = ml_collections.ConfigDict(info['config'])
+  model = model_from_config(config.model, info['image_shape'][-1])
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f'{workdir} holds no checkpoint yet.')
+  # Restored onto this process's first device, whatever topology the run was trained on.
+  abstract = abstract_train_state(model, make_optimizer(config), tuple(info['image_shape']),
+                                  jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract))).state
+  manager.close()
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return model, variables

@@ -1,0 +1,52 @@
+"""The seed's VQ-VAE on CIFAR-10 with Sonnet's recipe: batch 32, Adam 3e-4, EMA decay 0.99.
+
+    python -m train --config train/configs/cifar10.py --workdir runs/cifar10
+
+Preparing CIFAR-10 with tfds needs TensorFlow once (`pip install tensorflow`); training reads
+the prepared files through `tfds.data_source` without it. Sonnet's notebook reaches a training
+NMSE of 0.061 at 5k steps and 0.056 at 10k (perplexity ~326). Override any key on the command
+line, e.g. `--config.batch_size=256 --config.learning_rate=1e-3`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data: a tfds image dataset name, 'quickstart' (bundled photos), 'npz:PATH' or 'folder:PATH'.
+  config.dataset = 'cifar10'
+  config.data_dir = ''  # tfds data_dir; '' = tfds' default (~/tensorflow_datasets)
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.download = True  # prepare a tfds dataset that is not prepared yet (needs TensorFlow)
+  config.image_size = 0  # 0 = keep the dataset's size; else centre-crop/resize to this size
+  # Keep the training split on the device when it is at most this many bytes.
+  config.data_on_device_max_bytes = 2 * 1024**3
+
+  config.seed = 0
+  config.batch_size = 32
+  config.learning_rate = 3e-4
+  config.num_train_steps = 10_000
+  config.steps_per_dispatch = 10  # optimizer steps per jit call
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 2_000
+  config.eval_batch_size = 256
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3
+  config.num_reconstructions = 8  # images in the reconstruction PNG
+
+  config.model = ml_collections.ConfigDict(dict(
+      num_hiddens=128,
+      num_residual_layers=2,
+      num_residual_hiddens=32,
+      num_embeddings=512,
+      embedding_dim=64,
+      commitment_cost=0.25,
+      decay=0.99,
+      epsilon=1e-5,
+      zero_debias=False,
+      residual_skip='relu',
+      dtype='float32',  # convolutions; 'bfloat16' on TPU. Quantizer and losses stay float32.
+  ))
+  return config

@@ -1,6 +1,6 @@
 """The quantizer's statistics cover the global batch on 8 devices (forced CPU devices).
 
-tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8."""
 
 import chex
 import jax

@@ -193,12 +193,21 @@ def _proc_status_bytes(field: str) -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _time_per_call(run: Callable[[], Any], calls: int) -> float:
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = run()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
+def best_time_per_call(run: Callable[[], Any], calls: int, rounds: int,
+                       wait: Callable[[Any], Any] = jax.block_until_ready) -> float:
+  """Seconds per call in the fastest of `rounds` rounds of `calls` calls.
+
+  The fastest round is the one least disturbed by other processes on a shared machine, which
+  matters most for PyTorch: its OpenMP threads slow down several-fold when a core is taken.
+  """
+  best = float('inf')
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = run()
+    wait(out)
+    best = min(best, (time.perf_counter() - start) / calls)
+  return best
 
 
 def _cost_flops(compiled) -> Optional[float]:
@@ -212,10 +221,10 @@ def _cost_flops(compiled) -> Optional[float]:
 # JAX.
 
 
-def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int,
+def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int, rounds: int = 1,
               model_config: Optional[Dict[str, Any]] = None, image_size: int = IMAGE_SIZE,
               cpu_peak_gflops: Optional[float] = None) -> Measurement:
-  """Times `steps` calls of the jitted training step, one optimizer step per call."""
+  """Times the jitted training step, one optimizer step per call (see `best_time_per_call`)."""
   model = VQVAE(**(model_config or SEED_MODEL), decay=DECAYS[quantizer],
                 dtype=jnp.dtype(dtype))
   tx = optax.adam(LEARNING_RATE)
@@ -237,7 +246,7 @@ def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int,
       state, metrics = compiled(state, images, data_variance)
       return metrics
 
-    step_s = _time_per_call(run, steps)
+    step_s = best_time_per_call(run, steps, rounds)
   if not np.isfinite(float(metrics['loss'])):
     raise FloatingPointError(f'non-finite loss in {quantizer} {dtype} batch {batch_size}')
   flops = _cost_flops(compiled)
@@ -262,8 +271,8 @@ def _import_seed_torch():
   return module
 
 
-def bench_torch(quantizer: str, batch_size: int, steps: int,
-                compile_model: bool) -> Measurement:
+def bench_torch(quantizer: str, batch_size: int, steps: int, compile_model: bool,
+                rounds: int = 1) -> Measurement:
   """The seed's training step: `mse(recon, x) / var + vq_loss`, Adam, float32, eager or
   `torch.compile`d."""
   framework = 'torch.compile' if compile_model else 'torch eager'
@@ -310,11 +319,7 @@ def bench_torch(quantizer: str, batch_size: int, steps: int,
       result.skipped = f'{framework} failed: {type(error).__name__}: {error}'[:300]
       return result
     result.compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-      loss = step()
-    loss.item()
-    step_s = (time.perf_counter() - start) / steps
+    step_s = best_time_per_call(step, steps, rounds, wait=lambda loss: loss.item())
   result.images_per_s = batch_size / step_s
   result.step_ms = step_s * 1e3
   result.peak_memory_mb = memory.peak_bytes / 2**20
@@ -393,7 +398,10 @@ def markdown(report: Dict[str, Any]) -> str:
   device = report['device']
   lines = [f"Device: {device['platform']} / {device['device_kind']} / {device['cpu_model']} "
            f"({device['cpu_count']} CPUs), jax {device['jax_version']}.",
-           f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}.", '',
+           f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}.",
+           f"Load average (1 min) before and after: "
+           f"{report.get('load_average_1min_before_after')}; the fastest of several rounds is "
+           f"reported for each configuration.", '',
            '| quantizer | batch | dtype | JAX img/s | torch eager | torch.compile | '
            'JAX/eager | JAX/compile |', '|---|---|---|---|---|---|---|---|']
   for row in report['ratios']:
@@ -440,7 +448,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='comma-separated: ema, plain')
   parser.add_argument('--batch_sizes', type=_csv(int), default=[32, 256])
   parser.add_argument('--dtypes', type=_csv(str), default=['float32', 'bfloat16'])
-  parser.add_argument('--steps', type=int, default=10, help='timed steps per configuration')
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='rounds per configuration; the fastest round is reported')
   parser.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
                       help='time the seed PyTorch model (eager)')
   parser.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True,
@@ -468,6 +478,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
   device = device_description()
+  load_before = os.getloadavg()
   print(f"device: {device}", flush=True)
   measurements: List[Measurement] = []
   for quantizer in args.quantizers:
@@ -475,10 +486,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       # PyTorch first in each group, so that JAX's allocations do not sit under its RSS peak.
       if args.torch:
         for compile_model in (False, True) if args.torch_compile else (False,):
-          measurements.append(bench_torch(quantizer, batch_size, args.steps, compile_model))
+          measurements.append(bench_torch(quantizer, batch_size, args.steps, compile_model,
+                                          args.rounds))
           print(measurements[-1], flush=True)
       for dtype in args.dtypes:
-        measurements.append(bench_jax(quantizer, batch_size, dtype, args.steps,
+        measurements.append(bench_jax(quantizer, batch_size, dtype, args.steps, args.rounds,
                                       cpu_peak_gflops=args.cpu_peak_gflops))
         print(measurements[-1], flush=True)
   large = None
@@ -488,7 +500,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(large, flush=True)
   with PeakMemory() as probe:
     pass
-  report = dict(device=device, peak_note=peak_tflops('float32', args.cpu_peak_gflops)[1],
+  # Other processes' load is what makes a shared machine's numbers move; record it.
+  report = dict(device=device, load_average_1min_before_after=(load_before[0], os.getloadavg()[0]),
+                peak_note=peak_tflops('float32', args.cpu_peak_gflops)[1],
                 memory_source=probe.source, argv=sys.argv[1:] if argv is None else list(argv),
                 measurements=[dataclasses.asdict(m) for m in measurements],
                 ratios=ratios(measurements), large_codebook=large)

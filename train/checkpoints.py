@@ -13,6 +13,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -38,7 +39,10 @@ class Checkpoints:
 
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` in the background; returns at once."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+    # Orbax copies arrays to the host in the background, while the next training step donates
+    # (overwrites) the state's buffers: save an on-device copy that nothing else touches.
+    snapshot = jax.tree.map(jnp.copy, state)
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(snapshot)),
                       force=True)
 
   def wait(self) -> None:

@@ -2,12 +2,18 @@
 
 * Eight CPU devices, so multi-device tests run anywhere. XLA reads the flag once, when JAX
   first initialises its backend, so it is set before any test module imports jax.
+* XLA:CPU aborts the process when the 8 device threads of a collective do not all arrive
+  within its timeout; on an oversubscribed 2-core machine they can be slow (seen: eval steps
+  aborting under load), so the tests give them minutes instead of seconds.
 * VQVAE_NOTEBOOK_SMOKE=1: colab/vqvae_tpu.ipynb trains a tiny model for a few steps on the
   bundled photos instead of CIFAR-10 (the kernel inherits this environment).
 """
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+XLA_FLAGS_FOR_DEVICES = ('--xla_force_host_platform_device_count={} '
+                         '--xla_cpu_collective_call_terminate_timeout_seconds=900 '
+                         '--xla_cpu_collective_timeout_seconds=900')
+os.environ.setdefault('XLA_FLAGS', XLA_FLAGS_FOR_DEVICES.format(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('VQVAE_NOTEBOOK_SMOKE', '1')

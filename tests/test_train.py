@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import XLA_FLAGS_FOR_DEVICES
 from train import trainer
 from train.checkpoints import load_model
 from train.configs import quickstart
@@ -43,10 +44,13 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def device_env(devices):
+  return {'XLA_FLAGS': XLA_FLAGS_FOR_DEVICES.format(devices), 'JAX_PLATFORMS': 'cpu'}
+
+
 def run_cli(workdir, *flags, devices=1, config='train/configs/quickstart.py', env=None,
             timeout=300):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu', **(env or {})}
+  env = {**os.environ, **device_env(devices), **(env or {})}
   return subprocess.run(
       [sys.executable, '-m', 'train', f'--config={config}', f'--workdir={workdir}', *flags],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -181,8 +185,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert result.returncode == 0, result.stderr
   multi = str(tmp_path / 'multi')
   address = f'127.0.0.1:{free_port()}'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, **device_env(1)}
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'train', '--config=train/configs/quickstart.py',
        f'--workdir={multi}', *flags, f'--coordinator_address={address}', '--num_processes=2',
@@ -198,8 +201,7 @@ def test_two_processes_train_like_one(tmp_path):
 
 def test_sigterm_saves_a_checkpoint(tmp_path):
   workdir = str(tmp_path)
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, **device_env(1)}
   proc = subprocess.Popen(
       [sys.executable, '-m', 'train', '--config=train/configs/quickstart.py',
        f'--workdir={workdir}', *TINY_FLAGS, '--config.num_train_steps=100000',

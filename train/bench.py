@@ -193,21 +193,44 @@ def _proc_status_bytes(field: str) -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def best_time_per_call(run: Callable[[], Any], calls: int, rounds: int,
-                       wait: Callable[[Any], Any] = jax.block_until_ready) -> float:
-  """Seconds per call in the fastest of `rounds` rounds of `calls` calls.
+@dataclasses.dataclass
+class Timed:
+  """A prepared (compiled, warmed-up) training step and what is known about it so far."""
 
-  The fastest round is the one least disturbed by other processes on a shared machine, which
-  matters most for PyTorch: its OpenMP threads slow down several-fold when a core is taken.
+  measurement: Measurement
+  run: Optional[Callable[[], Any]] = None  # one training step; None when skipped
+  wait: Callable[[Any], Any] = jax.block_until_ready  # blocks on what `run` returned
+  peak_flops: Optional[float] = None
+
+  def record(self, step_s: float) -> Measurement:
+    m = self.measurement
+    m.step_ms, m.images_per_s = step_s * 1e3, m.batch_size / step_s
+    if m.flops_per_step:
+      m.achieved_tflops = m.flops_per_step / step_s / 1e12
+      if self.peak_flops:
+        m.fraction_of_peak = m.achieved_tflops / self.peak_flops
+    return m
+
+
+def time_interleaved(prepared: Sequence[Timed], steps: int, rounds: int) -> List[Measurement]:
+  """Seconds per step of each prepared step: the fastest of `rounds` rounds of `steps` steps.
+
+  The rounds of all frameworks alternate, so that each sees the same background load, and the
+  fastest round is the one least disturbed by other processes on a shared machine. That
+  matters most for PyTorch, whose OpenMP threads slow down several-fold when a core is taken.
   """
-  best = float('inf')
+  best = [float('inf')] * len(prepared)
   for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = run()
-    wait(out)
-    best = min(best, (time.perf_counter() - start) / calls)
-  return best
+    for i, timed in enumerate(prepared):
+      if timed.run is None:
+        continue
+      start = time.perf_counter()
+      for _ in range(steps):
+        out = timed.run()
+      timed.wait(out)
+      best[i] = min(best[i], (time.perf_counter() - start) / steps)
+  return [timed.record(step_s) if timed.run else timed.measurement
+          for timed, step_s in zip(prepared, best)]
 
 
 def _cost_flops(compiled) -> Optional[float]:
@@ -221,10 +244,10 @@ def _cost_flops(compiled) -> Optional[float]:
 # JAX.
 
 
-def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int, rounds: int = 1,
-              model_config: Optional[Dict[str, Any]] = None, image_size: int = IMAGE_SIZE,
-              cpu_peak_gflops: Optional[float] = None) -> Measurement:
-  """Times the jitted training step, one optimizer step per call (see `best_time_per_call`)."""
+def prepare_jax(quantizer: str, batch_size: int, dtype: str,
+                model_config: Optional[Dict[str, Any]] = None, image_size: int = IMAGE_SIZE,
+                cpu_peak_gflops: Optional[float] = None) -> Timed:
+  """The jitted training step of `train.step`, compiled and run once; one step per call."""
   model = VQVAE(**(model_config or SEED_MODEL), decay=DECAYS[quantizer],
                 dtype=jnp.dtype(dtype))
   tx = optax.adam(LEARNING_RATE)
@@ -239,25 +262,26 @@ def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int, rounds: i
     compiled = train_steps.lower(state, images, data_variance).compile()
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, images, data_variance)  # the first run allocates
-    jax.block_until_ready(metrics)
+    if not np.isfinite(float(metrics['loss'])):
+      raise FloatingPointError(f'non-finite loss in {quantizer} {dtype} batch {batch_size}')
 
-    def run():
-      nonlocal state, metrics
-      state, metrics = compiled(state, images, data_variance)
-      return metrics
+  def run():
+    nonlocal state
+    state, metrics = compiled(state, images, data_variance)
+    return metrics
 
-    step_s = best_time_per_call(run, steps, rounds)
-  if not np.isfinite(float(metrics['loss'])):
-    raise FloatingPointError(f'non-finite loss in {quantizer} {dtype} batch {batch_size}')
-  flops = _cost_flops(compiled)
-  peak, _ = peak_tflops(dtype, cpu_peak_gflops)
-  achieved = flops / step_s / 1e12 if flops else None
-  return Measurement('jax', quantizer, batch_size, dtype, images_per_s=batch_size / step_s,
-                     step_ms=step_s * 1e3, peak_memory_mb=memory.peak_bytes / 2**20,
-                     peak_memory_increase_mb=memory.increase_mb,
-                     flops_per_step=flops, achieved_tflops=achieved,
-                     fraction_of_peak=achieved / peak if achieved and peak else None,
-                     compile_s=compile_s)
+  measurement = Measurement('jax', quantizer, batch_size, dtype,
+                            peak_memory_mb=memory.peak_bytes / 2**20,
+                            peak_memory_increase_mb=memory.increase_mb,
+                            flops_per_step=_cost_flops(compiled), compile_s=compile_s)
+  return Timed(measurement, run, peak_flops=peak_tflops(dtype, cpu_peak_gflops)[0])
+
+
+def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int, rounds: int = 1,
+              **kwargs) -> Measurement:
+  """`prepare_jax`, timed alone."""
+  return time_interleaved([prepare_jax(quantizer, batch_size, dtype, **kwargs)], steps,
+                          rounds)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,20 +295,19 @@ def _import_seed_torch():
   return module
 
 
-def bench_torch(quantizer: str, batch_size: int, steps: int, compile_model: bool,
-                rounds: int = 1) -> Measurement:
-  """The seed's training step: `mse(recon, x) / var + vq_loss`, Adam, float32, eager or
-  `torch.compile`d."""
+def prepare_torch(quantizer: str, batch_size: int, compile_model: bool) -> Timed:
+  """The seed's training step, float32, eager or `torch.compile`d, warmed up: Adam on
+  `mse(recon, x) / var + vq_loss`. Skipped, with the reason, when torch or the compiler fails."""
   framework = 'torch.compile' if compile_model else 'torch eager'
-  result = Measurement(framework, quantizer, batch_size, 'float32')
+  result = Timed(Measurement(framework, quantizer, batch_size, 'float32'))
   try:
     import torch
     import torch.nn.functional as F
   except ImportError as error:
-    result.skipped = f'torch is not installed ({error})'
+    result.measurement.skipped = f'torch is not installed ({error})'
     return result
   if not SEED_TORCH.exists():
-    result.skipped = f'the seed model {SEED_TORCH} is missing'
+    result.measurement.skipped = f'the seed model {SEED_TORCH} is missing'
     return result
   seed = _import_seed_torch()
   torch.manual_seed(0)
@@ -294,13 +317,7 @@ def bench_torch(quantizer: str, batch_size: int, steps: int, compile_model: bool
                      DECAYS[quantizer])
   optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
   images = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE) - 0.5
-  forward = model
-  if compile_model:
-    try:
-      forward = torch.compile(model)
-    except Exception as error:  # torch.compile raises many types; all mean "not available".
-      result.skipped = f'torch.compile failed: {type(error).__name__}: {error}'[:300]
-      return result
+  forward = torch.compile(model) if compile_model else model
 
   def step():
     optimizer.zero_grad(set_to_none=True)
@@ -315,15 +332,13 @@ def bench_torch(quantizer: str, batch_size: int, steps: int, compile_model: bool
     try:
       for _ in range(3):  # torch.compile compiles again once the optimizer has state
         step()
-    except Exception as error:
-      result.skipped = f'{framework} failed: {type(error).__name__}: {error}'[:300]
+    except Exception as error:  # torch.compile raises many types; all mean "not available".
+      result.measurement.skipped = f'{framework} failed: {type(error).__name__}: {error}'[:300]
       return result
-    result.compile_s = time.perf_counter() - start
-    step_s = best_time_per_call(step, steps, rounds, wait=lambda loss: loss.item())
-  result.images_per_s = batch_size / step_s
-  result.step_ms = step_s * 1e3
-  result.peak_memory_mb = memory.peak_bytes / 2**20
-  result.peak_memory_increase_mb = memory.increase_mb
+  result.measurement.compile_s = time.perf_counter() - start
+  result.measurement.peak_memory_mb = memory.peak_bytes / 2**20
+  result.measurement.peak_memory_increase_mb = memory.increase_mb
+  result.run, result.wait = step, lambda loss: loss.item()
   return result
 
 
@@ -400,8 +415,8 @@ def markdown(report: Dict[str, Any]) -> str:
            f"({device['cpu_count']} CPUs), jax {device['jax_version']}.",
            f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}.",
            f"Load average (1 min) before and after: "
-           f"{report.get('load_average_1min_before_after')}; the fastest of several rounds is "
-           f"reported for each configuration.", '',
+           f"{report.get('load_average_1min_before_after')}; each number is the fastest of "
+           f"several rounds, and the rounds of all frameworks alternate.", '',
            '| quantizer | batch | dtype | JAX img/s | torch eager | torch.compile | '
            'JAX/eager | JAX/compile |', '|---|---|---|---|---|---|---|---|']
   for row in report['ratios']:
@@ -418,7 +433,7 @@ def markdown(report: Dict[str, Any]) -> str:
     lines.append(
         f"| {m['framework']} | {m['quantizer']} | {m['batch_size']} | {m['dtype']} | "
         f"{_fmt(m['step_ms'])} | {_fmt(m['peak_memory_mb'], '.0f')} "
-        f"(+{_fmt(m['peak_memory_increase_mb'], '.0f')}) | {_fmt(flops)} | "
+        f"({_fmt(m['peak_memory_increase_mb'], '+.0f')}) | {_fmt(flops)} | "
         f"{_fmt(m['achieved_tflops'], '.3f')} | {_fmt(m['fraction_of_peak'], '.1%')} | "
         f"{_fmt(m['compile_s'])} | {m['skipped'] or ''} |")
   large = report.get('large_codebook')
@@ -450,7 +465,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--dtypes', type=_csv(str), default=['float32', 'bfloat16'])
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=3,
-                      help='rounds per configuration; the fastest round is reported')
+                      help='interleaved rounds per configuration; the fastest is reported')
   parser.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
                       help='time the seed PyTorch model (eager)')
   parser.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True,
@@ -483,16 +498,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   measurements: List[Measurement] = []
   for quantizer in args.quantizers:
     for batch_size in args.batch_sizes:
-      # PyTorch first in each group, so that JAX's allocations do not sit under its RSS peak.
-      if args.torch:
-        for compile_model in (False, True) if args.torch_compile else (False,):
-          measurements.append(bench_torch(quantizer, batch_size, args.steps, compile_model,
-                                          args.rounds))
-          print(measurements[-1], flush=True)
-      for dtype in args.dtypes:
-        measurements.append(bench_jax(quantizer, batch_size, dtype, args.steps, args.rounds,
-                                      cpu_peak_gflops=args.cpu_peak_gflops))
-        print(measurements[-1], flush=True)
+      # PyTorch is prepared first, so that JAX's buffers do not sit under its RSS peak.
+      prepared = [prepare_torch(quantizer, batch_size, compile_model)
+                  for compile_model in ((False, True) if args.torch_compile else (False,))
+                  if args.torch]
+      prepared += [prepare_jax(quantizer, batch_size, dtype,
+                               cpu_peak_gflops=args.cpu_peak_gflops) for dtype in args.dtypes]
+      for measurement in time_interleaved(prepared, args.steps, args.rounds):
+        measurements.append(measurement)
+        print(measurement, flush=True)
   large = None
   if args.large_n:
     large = bench_large_codebook(args.large_n, args.large_k, 64, args.large_chunk_size,

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from train import data as data_lib
 from train.step import to_model_input
 from vqvae_jax import VQVAE
-from vqvae_jax.quantizers import num_codes_used, perplexity_from_counts
+from vqvae_jax.codebook import usage_metrics
 
 
 def make_eval_step(model: VQVAE) -> Callable[..., Dict[str, jax.Array]]:
@@ -77,12 +77,13 @@ class Evaluator:
     mse = totals['squared_error'] / len(images)
     clipped_mse = totals['clipped_squared_error'] / len(images)
     counts = totals['code_counts']
+    usage = usage_metrics(counts)
     return {
         'eval_nmse': float(mse / variance),
         'eval_psnr': float(10 * np.log10(1.0 / max(clipped_mse, 1e-12))),
-        'eval_perplexity': float(perplexity_from_counts(counts)),
-        'eval_codes_used': int(num_codes_used(counts)),
-        'eval_dead_codes': int(self.model.num_embeddings - num_codes_used(counts)),
+        'eval_perplexity': float(usage['perplexity']),
+        'eval_codes_used': int(usage['codes_used']),
+        'eval_dead_codes': int(usage['dead_codes']),
         'code_counts': np.asarray(counts),
     }
 

@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from vqvae_jax.quantizers import merge_codebook_offset
+
 # torch conv weight [O, I, kh, kw] -> HWIO; transposed-conv weight [I, O, kh, kw] -> HWIO.
 _CONV = (2, 3, 1, 0)
 _CONV_TRANSPOSE = (2, 3, 0, 1)
@@ -152,6 +154,9 @@ def to_seed_state_dict(variables: Mapping[str, Any], architecture: Mapping[str, 
       channels, no zero-debias).
     architecture: as returned by `seed_architecture`.
   """
+  # A plain quantizer trained with k-means init or restarts keeps part of its codes in
+  # batch_stats['vq']['codebook_offset']: the seed's codebook is their sum.
+  variables = merge_codebook_offset(variables)
   state_dict = {}
   for key, (path, _, transpose) in _layout(architecture).items():
     value = variables

@@ -14,6 +14,19 @@ from vqvae_jax.quantizers import QuantizerOutput, VectorQuantizer, VectorQuantiz
 Array = jax.Array
 Dtype = Any
 
+# The codebook settings new training runs should use: `VQVAE(**architecture, **RECOMMENDED)`.
+# The seed's defaults collapse (FACTS.md: 11 to 66 of 512 codes used); these fix it:
+#   * the zero-debiased EMA quantizer (Sonnet's and Haiku's), which has no cold-start jump;
+#   * k-means init of the codebook on the first training batch, so codes start on the data;
+#   * dead-code restart: a code that catches fewer than 0.25 vectors per batch on average (EMA
+#     over ~100 steps) is moved to a vector of the current batch. The threshold is in vectors
+#     per batch: at the seed's batch 32 of 8x8 latents a code's fair share is 2048/512 = 4.
+#     Higher thresholds churn live codes when a batch has few vectors per code (measured in
+#     tests/test_codebook.py: 1.0 kept 41 of 64 codes where 0.1 to 0.3 kept 61).
+# Needs `rngs={'codebook': key}` on training calls (train/step.py passes it).
+RECOMMENDED = dict(decay=0.99, zero_debias=True, codebook_init='kmeans', kmeans_iters=10,
+                   dead_code_threshold=0.25, usage_decay=0.99)
+
 
 class Encoder(nn.Module):
   """The seed's `Encoder`: two 4x4 stride-2 convs with ReLU, a 3x3 conv, the residual stack.
@@ -85,6 +98,10 @@ class VQVAE(nn.Module):
       the losses and the returned reconstructions are float32 regardless.
     axis_name: inside `shard_map`, the batch axis for the quantizer's statistics.
     distance_chunk_size: see `VectorQuantizer`.
+    codebook_init, kmeans_iters, dead_code_threshold, usage_decay, track_usage, cosine_codes,
+    codebook_dim, entropy_weight, entropy_temperature: the quantizer's remedies for codebook
+      collapse, all off by default (see `VectorQuantizer` and `RECOMMENDED`). Training calls
+      with k-means init or restarts need `rngs={'codebook': key}`.
   """
 
   num_hiddens: int = 128
@@ -101,6 +118,15 @@ class VQVAE(nn.Module):
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
   distance_chunk_size: Optional[int] = None
+  codebook_init: str = 'seed'
+  kmeans_iters: int = 10
+  dead_code_threshold: float = 0.0
+  usage_decay: float = 0.99
+  track_usage: bool = False
+  cosine_codes: bool = False
+  codebook_dim: Optional[int] = None
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 1.0
 
   def __post_init__(self):
     for name in ('num_hiddens', 'num_residual_layers', 'num_residual_hiddens',
@@ -124,7 +150,12 @@ class VQVAE(nn.Module):
     self.pre_vq_conv = Conv(self.embedding_dim, 1, dtype=self.dtype)
     quantizer = dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
                      commitment_cost=self.commitment_cost, axis_name=self.axis_name,
-                     distance_chunk_size=self.distance_chunk_size)
+                     distance_chunk_size=self.distance_chunk_size,
+                     codebook_init=self.codebook_init, kmeans_iters=self.kmeans_iters,
+                     dead_code_threshold=self.dead_code_threshold, usage_decay=self.usage_decay,
+                     track_usage=self.track_usage, cosine_codes=self.cosine_codes,
+                     codebook_dim=self.codebook_dim, entropy_weight=self.entropy_weight,
+                     entropy_temperature=self.entropy_temperature)
     if self.decay > 0:
       self.vq = VectorQuantizerEMA(decay=self.decay, epsilon=self.epsilon,
                                    zero_debias=self.zero_debias, **quantizer)

@@ -1,31 +1,67 @@
-"""Vector quantizers: the seed's `VectorQuantizer` and `VectorQuantizerEMA` as Flax Linen modules.
+"""Vector quantizers: the seed's `VectorQuantizer` and `VectorQuantizerEMA` as Flax Linen modules,
+with optional remedies for codebook collapse.
 
 Both modules take inputs of any shape `[..., D]` and quantize each `D`-vector to its nearest code
 (L2 distance) in a codebook of `K` codes. Everything that decides which code wins, and every
 statistic (losses, perplexity, counts, EMA state), is computed in float32, whatever the input
 dtype: bfloat16 distances pick wrong codes and break code usage.
 
+Codebook options (all off by default, which is exactly the seed):
+  * `codebook_init='kmeans'`: on the first training call, the codebook is set to k-means++ /
+    Lloyd centres of that batch's (global) encoder outputs.
+  * `dead_code_threshold > 0`: after each training call, every code whose usage (the
+    zero-debiased EMA of its per-batch count, `batch_stats['code_usage']`) is below the
+    threshold is replaced by an encoder output sampled from the current global batch.
+  * `track_usage=True`: keep `code_usage` without restarting anything (implied by a threshold).
+  * `cosine_codes=True`: inputs and codes are l2-normalised, so the lookup is by cosine.
+  * `codebook_dim=C`: the lookup happens in `C` dimensions, between Dense projections
+    `D -> C` (`project_in`) and `C -> D` (`project_out`).
+  * `entropy_weight > 0`: adds `entropy_weight * (log K - H(batch soft usage))` to `loss`.
+
+Training calls. The data-dependent options (k-means init, restarts) need randomness and state:
+pass `train=True`, `mutable=['batch_stats']` and `rngs={'codebook': key}` (a fresh key per step;
+the result is a deterministic function of it). Everything runs inside the jitted step.
+
+How a restart reaches the plain quantizer's codebook, which is a `params` entry the optimizer
+owns: the module keeps an additive `batch_stats['codebook_offset']` `[K, C]` and looks codes up
+in `params['embedding'] + codebook_offset`. A restart (or the k-means init) writes
+`offset[k] = new_code[k] - params['embedding'][k]`, so the code in use becomes the new vector,
+while gradients still reach `params['embedding']` unchanged and the optimizer keeps training it.
+A training program that already threads `batch_stats` through `apply(..., mutable=
+['batch_stats'])` and passes `rngs={'codebook': key}` needs no other change (`train/step.py` does
+both). To export weights, fold the offset in with `merge_codebook_offset(variables)`;
+`convert.to_seed_state_dict` does this itself.
+
 Device layouts:
   * Under `jax.jit` with the batch sharded over a mesh, reductions over the batch are global
     already: no argument is needed.
-  * Inside `shard_map` (or `pmap`), pass `axis_name` and the code counts, EMA sums and
-    perplexity are summed over that axis, like Haiku's `cross_replica_axis`.
+  * Inside `shard_map` (or `pmap`), pass `axis_name` and the code counts, EMA sums, perplexity,
+    k-means points and restart candidates are taken over that axis, like Haiku's
+    `cross_replica_axis`; every device makes the same codebook changes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import struct, traverse_util
 from jax import lax
+
+from vqvae_jax.codebook import (batch_usage_entropy_loss, global_row_count, kmeans,
+                                l2_normalize, nearest_code, num_codes_used,
+                                perplexity_from_counts, sample_global_rows, squared_distances,
+                                update_usage)
 
 Array = jax.Array
 
-# float32 matmuls at full precision: TPUs and GPUs otherwise run them in bf16 / tf32 passes.
-_HIGHEST = lax.Precision.HIGHEST
+# Re-exported: these lived here first and other modules import them from here.
+__all__ = ['QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA', 'merge_codebook_offset',
+           'nearest_code', 'num_codes_used', 'perplexity_from_counts', 'squared_distances']
+
+CODEBOOK_INITS = ('seed', 'kmeans')
 
 
 @struct.dataclass
@@ -35,9 +71,11 @@ class QuantizerOutput:
   Attributes:
     quantized: `[..., D]`, the inputs' dtype. The nearest codes, with the straight-through
       estimator applied: the forward value is the code, the gradient flows to the inputs
-      unchanged (`inputs + stop_gradient(codes - inputs)`).
+      unchanged (`inputs + stop_gradient(codes - inputs)`). With `codebook_dim`, this is
+      `project_out` of the straight-through code.
     loss: float32 scalar. `q_latent + commitment_cost * e_latent` for `VectorQuantizer`,
-      `commitment_cost * e_latent` for `VectorQuantizerEMA`.
+      `commitment_cost * e_latent` for `VectorQuantizerEMA`; plus the entropy penalty when
+      `entropy_weight > 0`.
     perplexity: float32 scalar, `exp(entropy)` of the batch's code distribution.
     indices: int32 `[...]`, the index of the nearest code for each input vector.
     code_counts: float32 `[K]`, how many input vectors chose each code in this batch (summed
@@ -57,53 +95,7 @@ class QuantizerOutput:
   distances: Optional[Array] = None
 
 
-def squared_distances(flat_inputs: Array, codebook: Array) -> Array:
-  """The seed's `|x|^2 + |e|^2 - 2 x.e`, in float32.
-
-  Args:
-    flat_inputs: `[N, D]`.
-    codebook: `[K, D]`.
-
-  Returns:
-    float32 `[N, K]`.
-  """
-  x = flat_inputs.astype(jnp.float32)
-  e = codebook.astype(jnp.float32)
-  return (jnp.sum(x**2, axis=1, keepdims=True) + jnp.sum(e**2, axis=1) -
-          2 * jnp.matmul(x, e.T, precision=_HIGHEST))
-
-
-def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] = None) -> Array:
-  """Index of the nearest code for each row, as the seed's argmin picks it (first on ties).
-
-  Args:
-    flat_inputs: `[N, D]`.
-    codebook: `[K, D]`.
-    chunk_size: if set and smaller than `N`, rows are processed `chunk_size` at a time with
-      `lax.map`, so at most `[chunk_size, K]` distances exist at once. This is what lets
-      K = 65,536 codes search a million vectors. The indices are the same as without chunks:
-      each row's arithmetic is unchanged.
-
-  Returns:
-    int32 `[N]`.
-  """
-  num_rows = flat_inputs.shape[0]
-  if chunk_size is None or chunk_size >= num_rows:
-    return jnp.argmin(squared_distances(flat_inputs, codebook), axis=1).astype(jnp.int32)
-  num_chunks = -(-num_rows // chunk_size)
-  padded = jnp.pad(flat_inputs, ((0, num_chunks * chunk_size - num_rows), (0, 0)))
-  chunks = padded.reshape(num_chunks, chunk_size, flat_inputs.shape[1])
-  indices = lax.map(
-      lambda rows: jnp.argmin(squared_distances(rows, codebook), axis=1).astype(jnp.int32),
-      chunks)
-  return indices.reshape(-1)[:num_rows]
-
-
-def perplexity_from_counts(code_counts: Array) -> Array:
-  """The seed's perplexity, `exp(-sum p log(p + 1e-10))` with `p = counts / sum(counts)`."""
-  probs = code_counts / jnp.sum(code_counts)
-  return jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
-
+# ---- Field checks and feature switches, shared by both quantizers. ----
 
 def _check_common(module: Any) -> None:
   if not isinstance(module.num_embeddings, int) or module.num_embeddings < 1:
@@ -115,7 +107,70 @@ def _check_common(module: Any) -> None:
   if module.distance_chunk_size is not None and module.distance_chunk_size < 1:
     raise ValueError(
         f'distance_chunk_size must be None or >= 1, got {module.distance_chunk_size!r}.')
+  if module.codebook_init not in CODEBOOK_INITS:
+    raise ValueError(f'codebook_init must be one of {CODEBOOK_INITS}, got '
+                     f'{module.codebook_init!r}.')
+  if not isinstance(module.kmeans_iters, int) or module.kmeans_iters < 0:
+    raise ValueError(f'kmeans_iters must be an integer >= 0, got {module.kmeans_iters!r}.')
+  if module.dead_code_threshold < 0:
+    raise ValueError(f'dead_code_threshold must be >= 0 (0 disables restarts), got '
+                     f'{module.dead_code_threshold!r}.')
+  if not 0.0 <= module.usage_decay < 1.0:
+    raise ValueError(f'usage_decay must be in [0, 1), got {module.usage_decay!r}.')
+  if module.codebook_dim is not None and (not isinstance(module.codebook_dim, int) or
+                                          module.codebook_dim < 1):
+    raise ValueError(f'codebook_dim must be None or an integer >= 1, got '
+                     f'{module.codebook_dim!r}.')
+  if module.entropy_weight < 0:
+    raise ValueError(f'entropy_weight must be >= 0, got {module.entropy_weight!r}.')
+  if not module.entropy_temperature > 0:
+    raise ValueError(f'entropy_temperature must be > 0, got {module.entropy_temperature!r}.')
 
+
+def _restarts_dead_codes(module: Any) -> bool:
+  return module.dead_code_threshold > 0
+
+
+def _tracks_usage(module: Any) -> bool:
+  return module.track_usage or _restarts_dead_codes(module)
+
+
+def _writes_codes(module: Any) -> bool:
+  """Whether training calls overwrite codes with data (k-means init or restarts)."""
+  return module.codebook_init == 'kmeans' or _restarts_dead_codes(module)
+
+
+def _has_codebook_state(module: Any) -> bool:
+  return _tracks_usage(module) or _writes_codes(module)
+
+
+def _code_dim(module: Any) -> int:
+  """C: the size of the codes, `codebook_dim` when the lookup is projected, else D."""
+  return module.embedding_dim if module.codebook_dim is None else module.codebook_dim
+
+
+def _setup_codebook_options(module: Any, needs_counter: bool) -> None:
+  """Declares the projections and the state the codebook options need (nothing by default).
+
+  State, float32 unless said, in `batch_stats`:
+    * `counter` `[]` int32: training calls so far (k-means runs at 0; debiasing uses it).
+    * `code_usage` `[K]`: zero-debiased EMA of per-batch code counts (see
+      `codebook.update_usage`); with `track_usage` or `dead_code_threshold > 0`.
+  """
+  if module.codebook_dim is not None:
+    # float32 and full precision: the codes are decided in this space.
+    module.project_in = nn.Dense(module.codebook_dim, dtype=jnp.float32,
+                                 precision=lax.Precision.HIGHEST)
+    module.project_out = nn.Dense(module.embedding_dim, dtype=jnp.float32,
+                                  precision=lax.Precision.HIGHEST)
+  module.counter = (module.variable('batch_stats', 'counter', jnp.zeros, (), jnp.int32)
+                    if needs_counter else None)
+  if _tracks_usage(module):
+    module.code_usage = module.variable('batch_stats', 'code_usage', jnp.zeros,
+                                        (module.num_embeddings,), jnp.float32)
+
+
+# ---- The forward pass, shared by both quantizers. ----
 
 def _flatten(module: Any, inputs: Array) -> Array:
   if inputs.ndim < 1 or inputs.shape[-1] != module.embedding_dim:
@@ -124,14 +179,34 @@ def _flatten(module: Any, inputs: Array) -> Array:
   return inputs.reshape(-1, module.embedding_dim).astype(jnp.float32)
 
 
-def _lookup(module: Any, flat_inputs: Array, codebook: Array):
+def _to_code_space(module: Any, flat_inputs: Array) -> Array:
+  """`[N, D]` inputs -> `[N, C]` latents, the vectors that are actually quantized."""
+  latents = flat_inputs
+  if module.codebook_dim is not None:
+    latents = module.project_in(latents)
+  if module.cosine_codes:
+    latents = l2_normalize(latents)
+  return latents
+
+
+def _from_code_space(module: Any, codes: Array) -> Array:
+  """`[..., C]` codes -> `[..., D]`."""
+  return codes if module.codebook_dim is None else module.project_out(codes)
+
+
+def _codes_in_use(module: Any, stored_codebook: Array) -> Array:
+  """The stored codebook as the lookup uses it: unit rows for cosine codes."""
+  return l2_normalize(stored_codebook) if module.cosine_codes else stored_codebook
+
+
+def _lookup(module: Any, latents: Array, codebook: Array):
   """Nearest codes and the batch statistics shared by both quantizers."""
-  if module.return_distances:
-    distances = squared_distances(flat_inputs, codebook)
+  if module.return_distances or module.entropy_weight > 0:  # the entropy term needs all of them
+    distances = squared_distances(latents, codebook)
     indices = jnp.argmin(distances, axis=1).astype(jnp.int32)
   else:
     distances = None
-    indices = nearest_code(flat_inputs, codebook, module.distance_chunk_size)
+    indices = nearest_code(latents, codebook, module.distance_chunk_size)
   codes = jnp.take(codebook, indices, axis=0)
   code_counts = jnp.zeros((module.num_embeddings,), jnp.float32).at[indices].add(1.0)
   if module.axis_name is not None:
@@ -139,43 +214,143 @@ def _lookup(module: Any, flat_inputs: Array, codebook: Array):
   return indices, codes, code_counts, distances
 
 
-def _output(module: Any, inputs: Array, flat_inputs: Array, indices: Array, codes: Array,
-            code_counts: Array, distances: Optional[Array], loss: Array) -> QuantizerOutput:
-  straight_through = flat_inputs + lax.stop_gradient(codes - flat_inputs)
-  encodings = None
-  if module.return_encodings:
-    encodings = jax.nn.one_hot(indices, module.num_embeddings, dtype=jnp.float32)
+def _mse(a: Array, b: Array) -> Array:
+  return jnp.mean(jnp.square(a - b))
+
+
+def _check_training_call(module: Any) -> None:
+  if not module.is_mutable_collection('batch_stats'):
+    raise ValueError(f"{type(module).__name__} with train=True updates its state: call "
+                     f"apply(..., mutable=['batch_stats']), or pass train=False.")
+  if _writes_codes(module) and not module.has_rng('codebook'):
+    raise ValueError(f"{type(module).__name__} with codebook_init={module.codebook_init!r} and "
+                     f"dead_code_threshold={module.dead_code_threshold!r} draws random codes "
+                     f"when training: pass rngs={{'codebook': key}} to apply (a new key each "
+                     f"step).")
+
+
+def _kmeans_init(module: Any, key: Array, latents: Array) -> None:
+  """On the first training call (counter 0), sets every code to k-means centres of the batch.
+
+  Inside `shard_map` the points are the global batch, gathered inside the branch that runs
+  only once, so later steps pay nothing for it.
+  """
+  first_call = module.counter.value == 0
+  num_codes = module.num_embeddings
+
+  def centres_of_batch():
+    points_key, kmeans_key = jax.random.split(key)
+    num_points = global_row_count(latents.shape[0], module.axis_name)
+    # A permutation of the whole global batch: inside shard_map, the gather of all of it.
+    points = sample_global_rows(points_key, latents, num_points, module.axis_name)
+    return kmeans(kmeans_key, points, num_codes, module.kmeans_iters,
+                  normalize=module.cosine_codes)
+
+  def unchanged():
+    return (jnp.zeros((num_codes, latents.shape[1]), jnp.float32),
+            jnp.zeros((num_codes,), jnp.float32))
+
+  centres, sizes = lax.cond(first_call, centres_of_batch, unchanged)
+  module._write_codes(jnp.broadcast_to(first_call, (num_codes,)), centres, sizes,
+                      module.counter.value)
+
+
+def _restart_dead_codes(module: Any, key: Array, latents: Array, code_usage: Array,
+                        step: Array) -> Array:
+  """Replaces codes with `code_usage < dead_code_threshold` by vectors of the global batch.
+
+  The restarted codes' usage (and, for the EMA quantizer, their cluster size) is set to the
+  threshold: they count as just alive, so a code that catches no vector is redrawn next step.
+
+  Returns:
+    float32 `[K]`, the usage after the restart.
+  """
+  threshold = jnp.float32(module.dead_code_threshold)
+  dead = code_usage < threshold
+  candidates = sample_global_rows(key, latents, module.num_embeddings, module.axis_name)
+  module._write_codes(dead, candidates, jnp.full_like(code_usage, threshold), step)
+  return jnp.where(dead, threshold, code_usage)
+
+
+def _quantize(module: Any, inputs: Array, train: bool) -> QuantizerOutput:
+  """The whole call of either quantizer: see `VectorQuantizer.__call__`."""
+  flat_inputs = _flatten(module, inputs)
+  latents = _to_code_space(module, flat_inputs)
+  updating = train and module.has_training_state and not module.is_initializing()
+  if updating:
+    _check_training_call(module)
+    if _writes_codes(module):
+      kmeans_key, restart_key = jax.random.split(module.make_rng('codebook'))
+    # What is written into the state (centres, restarted codes, EMA sums) carries no gradient.
+    detached_latents = lax.stop_gradient(latents)
+    if module.codebook_init == 'kmeans':
+      _kmeans_init(module, kmeans_key, detached_latents)
+  codebook = module.codebook  # read after the k-means init, so this call uses the centres
+  indices, codes, code_counts, distances = _lookup(module, latents, codebook)
+  if updating:
+    step = None if module.counter is None else module.counter.value + 1
+    module._update_codebook(detached_latents, indices, code_counts, step)
+    if _tracks_usage(module):
+      code_usage = update_usage(module.code_usage.value, code_counts, module.usage_decay, step)
+      if _restarts_dead_codes(module):
+        code_usage = _restart_dead_codes(module, restart_key, detached_latents, code_usage,
+                                         step)
+      module.code_usage.value = code_usage
+    if step is not None:
+      module.counter.value = step
+  loss = module._codebook_loss(latents, codes)
+  if module.entropy_weight > 0:
+    loss = loss + module.entropy_weight * batch_usage_entropy_loss(
+        distances, module.entropy_temperature, module.axis_name)
+
+  straight_through = latents + lax.stop_gradient(codes - latents)
+  quantized = _from_code_space(module, straight_through)
   return QuantizerOutput(
-      quantized=straight_through.reshape(inputs.shape).astype(inputs.dtype),
+      quantized=quantized.reshape(inputs.shape).astype(inputs.dtype),
       loss=loss,
       perplexity=perplexity_from_counts(code_counts),
       indices=indices.reshape(inputs.shape[:-1]),
       code_counts=code_counts,
-      encodings=encodings,
-      distances=distances)
-
-
-def _mse(a: Array, b: Array) -> Array:
-  return jnp.mean(jnp.square(a - b))
+      encodings=(jax.nn.one_hot(indices, module.num_embeddings, dtype=jnp.float32)
+                 if module.return_encodings else None),
+      distances=distances if module.return_distances else None)
 
 
 class VectorQuantizer(nn.Module):
   """The seed's `VectorQuantizer` (van den Oord et al. 2017), with a learned codebook.
 
-  The codebook is the param `embedding`, `[K, D]`, initialised `U(-1/K, 1/K)` like the seed.
-  It is trained by the loss: `loss = q_latent + commitment_cost * e_latent`, where
-  `q_latent = mean((codes - sg(inputs))^2)` moves the codebook only, and
+  The codebook is the param `embedding`, `[K, C]` (`C = codebook_dim or D`), initialised
+  `U(-1/K, 1/K)` like the seed. It is trained by the loss: `loss = q_latent + commitment_cost *
+  e_latent`, where `q_latent = mean((codes - sg(inputs))^2)` moves the codebook only, and
   `e_latent = mean((sg(codes) - inputs)^2)` moves the inputs (the encoder) only.
+
+  With `codebook_init='kmeans'` or `dead_code_threshold > 0` the codes in use are
+  `embedding + batch_stats['codebook_offset']` (see the module docstring for why); with the
+  defaults there is no state at all and `train` changes nothing.
 
   Attributes:
     num_embeddings: K, the number of codes.
-    embedding_dim: D, the size of each code; the inputs' last dimension.
+    embedding_dim: D, the inputs' last dimension (and the size of each code unless
+      `codebook_dim` is set).
     commitment_cost: beta, the weight of `e_latent`.
     axis_name: inside `shard_map`/`pmap`, the batch axis to sum code counts over.
     distance_chunk_size: if set, the nearest-code search runs this many vectors at a time
-      (see `nearest_code`), for codebooks too large for a full `[N, K]` distance matrix.
+      (see `codebook.nearest_code`), for codebooks too large for a full `[N, K]` distance
+      matrix. Not used when `entropy_weight > 0`, which needs every distance.
     return_encodings: also return the `[N, K]` one-hot encodings.
     return_distances: also return the `[N, K]` distances (this materialises them).
+    codebook_init: `'seed'` (the seed's random init) or `'kmeans'` (k-means over the first
+      training batch's encoder outputs).
+    kmeans_iters: Lloyd iterations of the k-means init, after k-means++ seeding.
+    dead_code_threshold: restart every code whose `code_usage` (expected vectors per batch)
+      falls below this; 0 disables restarts.
+    usage_decay: decay of the `code_usage` EMA.
+    track_usage: keep `batch_stats['code_usage']` even without restarts.
+    cosine_codes: l2-normalise the inputs (after `project_in`) and the codes.
+    codebook_dim: if set, quantize in this many dimensions between Dense projections.
+    entropy_weight: weight of the batch code-usage entropy penalty added to `loss`
+      (`codebook.batch_usage_entropy_loss`); 0 disables it.
+    entropy_temperature: softmax temperature of that penalty's soft assignments.
   """
 
   num_embeddings: int
@@ -185,6 +360,15 @@ class VectorQuantizer(nn.Module):
   distance_chunk_size: Optional[int] = None
   return_encodings: bool = False
   return_distances: bool = False
+  codebook_init: str = 'seed'
+  kmeans_iters: int = 10
+  dead_code_threshold: float = 0.0
+  usage_decay: float = 0.99
+  track_usage: bool = False
+  cosine_codes: bool = False
+  codebook_dim: Optional[int] = None
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 1.0
 
   def __post_init__(self):
     _check_common(self)
@@ -192,48 +376,81 @@ class VectorQuantizer(nn.Module):
 
   def setup(self):
     limit = 1.0 / self.num_embeddings
+    shape = (self.num_embeddings, _code_dim(self))
     self.embedding = self.param(
         'embedding',
-        lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -limit, limit),
-        (self.num_embeddings, self.embedding_dim))
+        lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -limit, limit), shape)
+    _setup_codebook_options(self, needs_counter=_has_codebook_state(self))
+    if _writes_codes(self):
+      self.codebook_offset = self.variable('batch_stats', 'codebook_offset', jnp.zeros, shape,
+                                           jnp.float32)
 
   def __call__(self, inputs: Array, train: bool = False) -> QuantizerOutput:
     """Quantizes `inputs`.
 
     Args:
       inputs: `[..., D]`, any float dtype.
-      train: accepted for symmetry with `VectorQuantizerEMA`; this module has no state.
+      train: update the codebook state (k-means init, usage, restarts) when an option keeps
+        one; then `batch_stats` must be mutable and, for k-means or restarts, a `'codebook'`
+        rng given. With the defaults the module has no state and this changes nothing.
 
     Returns:
       A `QuantizerOutput`; `quantized` has the shape and dtype of `inputs`.
+
+    Raises:
+      ValueError: `inputs` do not end in D; or a training call that updates state lacks
+        `mutable=['batch_stats']` or the `'codebook'` rng.
     """
-    del train
-    flat_inputs = _flatten(self, inputs)
-    indices, codes, code_counts, distances = _lookup(self, flat_inputs, self.embedding)
-    q_latent = _mse(codes, lax.stop_gradient(flat_inputs))
-    e_latent = _mse(lax.stop_gradient(codes), flat_inputs)
-    loss = q_latent + self.commitment_cost * e_latent
-    return _output(self, inputs, flat_inputs, indices, codes, code_counts, distances, loss)
+    return _quantize(self, inputs, train)
+
+  @property
+  def has_training_state(self) -> bool:
+    """Whether `train=True` updates `batch_stats`."""
+    return _has_codebook_state(self)
+
+  def _codebook_loss(self, latents: Array, codes: Array) -> Array:
+    q_latent = _mse(codes, lax.stop_gradient(latents))
+    e_latent = _mse(lax.stop_gradient(codes), latents)
+    return q_latent + self.commitment_cost * e_latent
+
+  def _update_codebook(self, latents, indices, code_counts, step) -> None:
+    """The optimizer trains this codebook: nothing to do here."""
+    del latents, indices, code_counts, step
+
+  def _write_codes(self, mask: Array, new_codes: Array, sizes: Array, step: Array) -> None:
+    """Makes code `k` equal `new_codes[k]` where `mask[k]`, through the offset.
+
+    `stop_gradient` on the param: the offset is a constant, so `d code / d embedding = I`.
+    """
+    del sizes, step  # the plain codebook has no cluster sizes
+    offset = new_codes - lax.stop_gradient(self.embedding)
+    self.codebook_offset.value = jnp.where(mask[:, None], offset, self.codebook_offset.value)
 
   def embed(self, indices: Array) -> Array:
     """Codes for integer `indices` of any shape `[...]`: float32 `[..., D]`."""
-    return jnp.take(self.embedding, indices, axis=0)
+    return _from_code_space(self, jnp.take(self.codebook, indices, axis=0))
 
   @property
   def codebook(self) -> Array:
-    """The `[K, D]` codebook."""
-    return self.embedding
+    """The `[K, C]` codebook in use: `embedding (+ codebook_offset)`, unit rows if cosine."""
+    stored = self.embedding
+    if _writes_codes(self):
+      stored = stored + self.codebook_offset.value
+    return _codes_in_use(self, stored)
 
 
 class VectorQuantizerEMA(nn.Module):
   """The seed's `VectorQuantizerEMA`: codes are exponential moving averages of their inputs.
 
-  State, all float32 in the mutable `batch_stats` collection:
-    * `embedding` `[K, D]`: the codebook, initialised N(0, 1) as in the seed.
+  State, all float32 in the mutable `batch_stats` collection (`C = codebook_dim or D`):
+    * `embedding` `[K, C]`: the codebook, initialised N(0, 1) as in the seed.
     * `ema_cluster_size` `[K]`: EMA of how many inputs chose each code; zeros at the start.
-    * `ema_w` `[K, D]`: EMA of the sum of the inputs that chose each code. The seed initialises
+    * `ema_w` `[K, C]`: EMA of the sum of the inputs that chose each code. The seed initialises
       it N(0, 1), independently of the codebook; with `zero_debias=True` it starts at zeros.
-    * `counter` `[]` int32: number of updates; only with `zero_debias=True`.
+    * `counter` `[]` int32: number of updates; with `zero_debias=True` or any state-keeping
+      codebook option.
+    * `code_usage` `[K]`: with `track_usage` or `dead_code_threshold > 0` (see
+      `VectorQuantizer`).
 
   With `train=True` (and `batch_stats` mutable) each call updates the state after the lookup,
   which uses the codebook from before the update, exactly as the seed does:
@@ -250,12 +467,18 @@ class VectorQuantizerEMA(nn.Module):
   `1 - decay^counter`, and Laplace smoothing is applied to the debiased sizes without being
   stored. The default is the seed's behaviour, which its checkpoints depend on.
 
+  When the k-means init or a restart sets code `k` to a vector `v` with cluster size `n`
+  (the k-means cluster's count, or `dead_code_threshold`), `embedding[k] = v` and the stored
+  `ema_cluster_size[k]`, `ema_w[k]` are set as if `n` vectors equal to `v` had been averaged
+  (`n` and `n v`, times `1 - decay^counter` when zero-debiased), so the next EMA update starts
+  from `v` instead of undoing the change.
+
   `loss = commitment_cost * mean((sg(codes) - inputs)^2)`: the codebook gets no gradient.
   With `train=False` nothing changes.
 
   Attributes:
     num_embeddings: K, the number of codes.
-    embedding_dim: D, the size of each code; the inputs' last dimension.
+    embedding_dim: D, the inputs' last dimension.
     commitment_cost: beta.
     decay: the EMA decay, in [0, 1).
     epsilon: the Laplace smoothing constant.
@@ -264,6 +487,8 @@ class VectorQuantizerEMA(nn.Module):
     distance_chunk_size: see `VectorQuantizer`.
     return_encodings: also return the `[N, K]` one-hot encodings.
     return_distances: also return the `[N, K]` distances.
+    codebook_init, kmeans_iters, dead_code_threshold, usage_decay, track_usage,
+    cosine_codes, codebook_dim, entropy_weight, entropy_temperature: see `VectorQuantizer`.
   """
 
   num_embeddings: int
@@ -276,6 +501,15 @@ class VectorQuantizerEMA(nn.Module):
   distance_chunk_size: Optional[int] = None
   return_encodings: bool = False
   return_distances: bool = False
+  codebook_init: str = 'seed'
+  kmeans_iters: int = 10
+  dead_code_threshold: float = 0.0
+  usage_decay: float = 0.99
+  track_usage: bool = False
+  cosine_codes: bool = False
+  codebook_dim: Optional[int] = None
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 1.0
 
   def __post_init__(self):
     _check_common(self)
@@ -286,7 +520,7 @@ class VectorQuantizerEMA(nn.Module):
     super().__post_init__()
 
   def setup(self):
-    shape = (self.num_embeddings, self.embedding_dim)
+    shape = (self.num_embeddings, _code_dim(self))
     self.embedding = self.variable(
         'batch_stats', 'embedding',
         lambda: jax.random.normal(self.make_rng('params'), shape, jnp.float32))
@@ -294,47 +528,57 @@ class VectorQuantizerEMA(nn.Module):
         'batch_stats', 'ema_cluster_size', jnp.zeros, (self.num_embeddings,), jnp.float32)
     if self.zero_debias:
       self.ema_w = self.variable('batch_stats', 'ema_w', jnp.zeros, shape, jnp.float32)
-      self.counter = self.variable('batch_stats', 'counter', jnp.zeros, (), jnp.int32)
     else:
       self.ema_w = self.variable(
           'batch_stats', 'ema_w',
           lambda: jax.random.normal(self.make_rng('params'), shape, jnp.float32))
+    _setup_codebook_options(self, needs_counter=self.zero_debias or _has_codebook_state(self))
 
   def __call__(self, inputs: Array, train: bool = False) -> QuantizerOutput:
     """Quantizes `inputs` and, with `train=True`, updates the EMA state.
 
     Args:
       inputs: `[..., D]`, any float dtype.
-      train: update `batch_stats` (they must be mutable); the output is the same either way.
+      train: update `batch_stats` (they must be mutable; k-means init and restarts also need
+        a `'codebook'` rng); the output is the same either way, except that the k-means init
+        replaces the codebook before the first training call's lookup.
 
     Returns:
       A `QuantizerOutput`; `quantized` has the shape and dtype of `inputs`.
-    """
-    flat_inputs = _flatten(self, inputs)
-    codebook = self.embedding.value
-    indices, codes, code_counts, distances = _lookup(self, flat_inputs, codebook)
-    if train and not self.is_initializing():
-      if not self.is_mutable_collection('batch_stats'):
-        raise ValueError("VectorQuantizerEMA with train=True updates its state: call apply(..., "
-                         "mutable=['batch_stats']), or pass train=False.")
-      self._update(flat_inputs, indices, code_counts)
-    loss = self.commitment_cost * _mse(lax.stop_gradient(codes), flat_inputs)
-    return _output(self, inputs, flat_inputs, indices, codes, code_counts, distances, loss)
 
-  def _update(self, flat_inputs: Array, indices: Array, code_counts: Array) -> None:
-    flat_inputs = lax.stop_gradient(flat_inputs)
-    code_sums = jax.ops.segment_sum(flat_inputs, indices, num_segments=self.num_embeddings)
+    Raises:
+      ValueError: as `VectorQuantizer.__call__`.
+    """
+    return _quantize(self, inputs, train)
+
+  @property
+  def has_training_state(self) -> bool:
+    """Always: `train=True` updates the EMA."""
+    return True
+
+  def _codebook_loss(self, latents: Array, codes: Array) -> Array:
+    return self.commitment_cost * _mse(lax.stop_gradient(codes), latents)
+
+  def _stored_size_scale(self, step: Array) -> Array:
+    """What the stored `ema_cluster_size`/`ema_w` are multiplied by relative to the debiased
+    values: `1 - decay^step` when zero-debiased (they hold the raw EMAs), else 1."""
+    if not self.zero_debias:
+      return jnp.float32(1.0)
+    return 1 - jnp.asarray(self.decay, jnp.float32)**step.astype(jnp.float32)
+
+  def _update_codebook(self, latents: Array, indices: Array, code_counts: Array,
+                       step: Optional[Array]) -> None:
+    """The EMA update (see the class docstring); `step` is the counter after this call."""
+    code_sums = jax.ops.segment_sum(latents, indices, num_segments=self.num_embeddings)
     if self.axis_name is not None:
       code_sums = lax.psum(code_sums, self.axis_name)
     decay, eps, k = self.decay, self.epsilon, self.num_embeddings
     cluster_size = self.ema_cluster_size.value * decay + (1 - decay) * code_counts
     ema_w = self.ema_w.value * decay + (1 - decay) * code_sums
     if self.zero_debias:
-      counter = self.counter.value + 1
-      debias = 1 - jnp.asarray(decay, jnp.float32)**counter.astype(jnp.float32)
-      self.counter.value = counter
       self.ema_cluster_size.value = cluster_size
       self.ema_w.value = ema_w
+      debias = self._stored_size_scale(step)
       cluster_size, ema_w = cluster_size / debias, ema_w / debias
     total = jnp.sum(cluster_size)
     smoothed = (cluster_size + eps) / (total + k * eps) * total
@@ -343,17 +587,42 @@ class VectorQuantizerEMA(nn.Module):
       self.ema_w.value = ema_w
     self.embedding.value = ema_w / smoothed[:, None]
 
+  def _write_codes(self, mask: Array, new_codes: Array, sizes: Array, step: Array) -> None:
+    """Sets code `k` to `new_codes[k]` with cluster size `sizes[k]` where `mask[k]`."""
+    stored_sizes = sizes * self._stored_size_scale(step)
+    rows = mask[:, None]
+    self.embedding.value = jnp.where(rows, new_codes, self.embedding.value)
+    self.ema_cluster_size.value = jnp.where(mask, stored_sizes, self.ema_cluster_size.value)
+    self.ema_w.value = jnp.where(rows, new_codes * stored_sizes[:, None], self.ema_w.value)
+
   def embed(self, indices: Array) -> Array:
     """Codes for integer `indices` of any shape `[...]`: float32 `[..., D]`."""
-    return jnp.take(self.embedding.value, indices, axis=0)
+    return _from_code_space(self, jnp.take(self.codebook, indices, axis=0))
 
   @property
   def codebook(self) -> Array:
-    """The `[K, D]` codebook."""
-    return self.embedding.value
+    """The `[K, C]` codebook in use (unit rows if `cosine_codes`)."""
+    return _codes_in_use(self, self.embedding.value)
 
 
-def num_codes_used(code_counts: Array) -> Array:
-  """Number of codes with a non-zero count, int32."""
-  return jnp.sum(code_counts > 0).astype(jnp.int32)
+def merge_codebook_offset(variables: Mapping[str, Any],
+                          path: Tuple[str, ...] = ('vq',)) -> Dict[str, Any]:
+  """Folds a plain quantizer's `codebook_offset` into its `params` codebook, for export.
 
+  Args:
+    variables: `{'params': ..., 'batch_stats': ...}` of a model (or of a quantizer, `path=()`).
+    path: where the quantizer sits in both collections (`('vq',)` in `VQVAE`).
+
+  Returns:
+    New nested dicts with `params[path]['embedding'] + codebook_offset` as the embedding and
+    the offset zeroed, so the codes in use are unchanged; the variables as they are if they
+    hold no offset.
+  """
+  flat = traverse_util.flatten_dict(dict(variables))
+  offset_key = ('batch_stats', *path, 'codebook_offset')
+  if offset_key not in flat:
+    return dict(variables)
+  embedding_key = ('params', *path, 'embedding')
+  flat[embedding_key] = flat[embedding_key] + flat[offset_key]
+  flat[offset_key] = jnp.zeros_like(flat[offset_key])
+  return traverse_util.unflatten_dict(flat)

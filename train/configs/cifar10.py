@@ -1,5 +1,10 @@
 """The seed's VQ-VAE on CIFAR-10 with Sonnet's recipe: batch 32, Adam 3e-4, EMA decay 0.99.
 
+The architecture and the hyperparameters are the seed's; the codebook uses the recommended
+remedies for collapse (`vqvae_jax.RECOMMENDED`: zero-debiased EMA, k-means init, dead-code
+restart). For the seed's quantizer exactly, add `--config.model.zero_debias=False
+--config.model.codebook_init=seed --config.model.dead_code_threshold=0.0`.
+
     python -m train --config train/configs/cifar10.py --workdir runs/cifar10
 
 Preparing CIFAR-10 with tfds needs TensorFlow once (`pip install tensorflow`); training reads
@@ -9,6 +14,8 @@ line, e.g. `--config.batch_size=256 --config.learning_rate=1e-3`.
 """
 
 import ml_collections
+
+from vqvae_jax import RECOMMENDED
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,10 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_embeddings=512,
       embedding_dim=64,
       commitment_cost=0.25,
-      decay=0.99,
       epsilon=1e-5,
-      zero_debias=False,
       residual_skip='relu',
       dtype='float32',  # convolutions; 'bfloat16' on TPU. Quantizer and losses stay float32.
+      **RECOMMENDED,  # decay 0.99 and the codebook remedies
   ))
   return config

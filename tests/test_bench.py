@@ -1,0 +1,61 @@
+"""train.bench on a tiny config, and the property that keeps a scanned training step fast."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from train import bench
+from train.step import create_train_state, make_train_step
+from vqvae_jax import VQVAE
+
+TINY = dict(num_hiddens=8, num_residual_layers=1, num_residual_hiddens=4, num_embeddings=16,
+            embedding_dim=4, commitment_cost=0.25)
+
+
+@pytest.mark.parametrize('quantizer,dtype', [('ema', 'float32'), ('plain', 'bfloat16')])
+def test_jax_measurement_and_report(quantizer, dtype):
+  measurement = bench.bench_jax(quantizer, batch_size=2, dtype=dtype, steps=1,
+                                model_config=TINY, image_size=8)
+  assert measurement.images_per_s > 0 and measurement.flops_per_step > 0
+  assert measurement.peak_memory_mb > 0
+  report = dict(device=bench.device_description(), peak_note='test', memory_source='test',
+                measurements=[vars(measurement)], ratios=bench.ratios([measurement]),
+                large_codebook=None)
+  assert report['ratios'][0]['jax_over_torch_eager'] is None  # no torch measured
+  assert f'| {quantizer} | 2 | {dtype} |' in bench.markdown(report)
+
+
+def test_large_codebook_chunked_equals_direct():
+  result = bench.bench_large_codebook(num_vectors=300, num_codes=64, dim=8, chunk_size=128,
+                                      subset=100)
+  assert result['indices_equal_on_subset'] == 100
+  assert result['distance_matrix_mb_direct_full_theoretical'] == 300 * 64 * 4 / 2**20
+
+
+def test_flags_pick_a_subset():
+  args = bench.parse_args(['--batch_sizes=256', '--dtypes=float32', '--quantizers=ema',
+                           '--steps=5', '--no-torch'])
+  assert (args.batch_sizes, args.dtypes, args.quantizers, args.steps, args.torch) == (
+      [256], ['float32'], ['ema'], 5, False)
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--quantizers=fsq'])
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU property')
+def test_scanned_step_has_only_canonical_convolutions():
+  """XLA:CPU makes convolutions NHWC/HWIO only in the entry computation; any other layout left
+  in the scan body of `train_steps` runs in XLA's naive loops, 60x slower (see `conv2d`)."""
+  model = VQVAE(**TINY, decay=0.99)
+  tx = optax.adam(1e-3)
+  # The seed's 32x32 images: on tiny ones XLA swaps convolution operands on its own.
+  images = np.zeros((2, 2, 32, 32, 3), np.uint8)
+  state = create_train_state(model, tx, jax.random.key(0), images[0])
+  hlo = jax.jit(make_train_step(model, tx)).lower(state, images,
+                                                   jnp.float32(1.0)).compile().as_text()
+  dim_labels = re.findall(r' convolution\(.*?dim_labels=([^,\s]+)', hlo)
+  assert len(dim_labels) >= 10  # forward and input gradients at least; some are matmuls
+  assert set(dim_labels) == {'b01f_01io->b01f'}

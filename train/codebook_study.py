@@ -34,6 +34,8 @@ VARIANTS = {
                           dead_code_threshold=RECOMMENDED['dead_code_threshold']),
     # Further options on top of the recommended preset.
     'recommended_dim16': dict(RECOMMENDED, codebook_dim=16),
+    'recommended_dim8': dict(RECOMMENDED, codebook_dim=8),
+    'recommended_dim16_entropy': dict(RECOMMENDED, codebook_dim=16, entropy_weight=0.02),
     'recommended_cosine': dict(RECOMMENDED, cosine_codes=True),
     'recommended_entropy': dict(RECOMMENDED, entropy_weight=0.1),
     'recommended_threshold1': dict(RECOMMENDED, dead_code_threshold=1.0),

@@ -154,3 +154,14 @@ def test_seed_state_dict_errors_name_the_key():
     from_seed_state_dict(state_dict, VQVAE(**{**SMALL, 'num_embeddings': 64}, decay=0.99))
   with pytest.raises(ValueError, match="missing key '_vq_vae._embedding.weight'"):
     from_seed_state_dict({k: v for k, v in state_dict.items() if 'embedding' not in k})
+
+
+def test_library_imports_no_training_dependencies():
+  """The house rule: vqvae_jax never imports tfds, TensorFlow, orbax, torch or train/."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import sys, vqvae_jax, vqvae_jax.convert, vqvae_jax.codebook; '
+          "print(sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'tensorflow_datasets', 'tensorflow', 'orbax', 'train', 'torch'}))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'

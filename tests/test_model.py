@@ -165,3 +165,23 @@ def test_library_imports_no_training_dependencies():
           "{'tensorflow_datasets', 'tensorflow', 'orbax', 'train', 'torch'}))")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('k,stride,padding,c_in,size', [
+    (4, 2, 1, 3, 16), (4, 2, 1, 8, 15), (3, 1, 1, 16, 8), (1, 1, 0, 8, 8), (2, 1, 1, 16, 8)])
+def test_conv2d_cpu_gradients_equal_xlas_own(k, stride, padding, c_in, size):
+  """conv2d's CPU backward pass (canonical layouts) computes JAX's own convolution gradients,
+  which are what GPUs and TPUs run."""
+  from vqvae_jax.layers import conv2d  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, size, size, c_in)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, c_in, 5)).astype(np.float32)
+  native = lambda x, kernel: lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding),) * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  out, native_vjp = jax.vjp(native, x, kernel)
+  ours, our_vjp = jax.vjp(lambda x, kernel: conv2d(x, kernel, stride, padding), x, kernel)
+  np.testing.assert_allclose(ours, out, rtol=1e-5, atol=1e-5)
+  cotangent = rng.normal(size=out.shape).astype(np.float32)
+  for mine, theirs in zip(our_vjp(cotangent), native_vjp(cotangent)):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)

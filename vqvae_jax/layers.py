@@ -54,8 +54,19 @@ def _conv2d_fwd(x, kernel, stride, padding, precision):
 
 def _conv2d_bwd(stride, padding, precision, residuals, grad_out):
   x, kernel = residuals
-  return (_conv2d_input_grad(x.shape, kernel, stride, padding, precision, grad_out),
-          _conv2d_kernel_grad(x, kernel.shape, stride, padding, precision, grad_out))
+
+  def canonical_grads(x, kernel, grad_out):
+    return (_conv2d_input_grad(x.shape, kernel, stride, padding, precision, grad_out),
+            _conv2d_kernel_grad(x, kernel.shape, stride, padding, precision, grad_out))
+
+  def native_grads(x, kernel, grad_out):
+    _, vjp = jax.vjp(lambda x, kernel: lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((padding, padding),) * 2, dimension_numbers=_NHWC,
+        precision=precision), x, kernel)
+    return vjp(grad_out)
+
+  # The rewrite is for XLA:CPU; GPU and TPU compilers pick their own gradient layouts well.
+  return lax.platform_dependent(x, kernel, grad_out, cpu=canonical_grads, default=native_grads)
 
 
 def _conv2d_input_grad(x_shape, kernel, stride, padding, precision, grad_out):

@@ -29,6 +29,33 @@ def test_jax_measurement_and_report(quantizer, dtype):
   assert f'| {quantizer} | 2 | {dtype} |' in bench.markdown(report)
 
 
+def test_steps_per_dispatch_reports_per_optimizer_step():
+  one = bench.prepare_jax('ema', batch_size=2, dtype='float32', model_config=TINY, image_size=8)
+  four = bench.prepare_jax('ema', batch_size=2, dtype='float32', model_config=TINY,
+                           image_size=8, steps_per_dispatch=4)
+  # A scan body counts once in XLA's cost analysis; the FLOPs must still be one step's.
+  assert four.measurement.flops_per_step == pytest.approx(one.measurement.flops_per_step,
+                                                           rel=0.02)
+  calls = []
+  run_four_steps = four.run
+  four.run = lambda: calls.append(1) or run_four_steps()
+  measurement = bench.time_interleaved([four], steps=8, rounds=1)[0]
+  assert len(calls) == 2  # 8 optimizer steps, four per call
+  assert measurement.steps_per_dispatch == 4 and measurement.step_ms > 0
+
+
+def test_step_flops_falls_back_to_xla_cpu(monkeypatch):
+  model = VQVAE(**TINY, decay=0.99)
+  tx = optax.adam(1e-3)
+  images = np.zeros((1, 2, 8, 8, 3), np.uint8)
+  state = create_train_state(model, tx, jax.random.key(0), images[0])
+  train_steps = jax.jit(make_train_step(model, tx))
+  lowered_flops = bench.step_flops(train_steps, state, images, jnp.float32(1.0))
+  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
+  fallback_flops = bench.step_flops(train_steps, state, images, jnp.float32(1.0))
+  assert fallback_flops == pytest.approx(lowered_flops, rel=0.1)  # also counts fused elementwise ops
+
+
 def test_large_codebook_chunked_equals_direct():
   result = bench.bench_large_codebook(num_vectors=300, num_codes=64, dim=8, chunk_size=128,
                                       subset=100)

@@ -37,6 +37,29 @@ def test_conv_transpose_equals_the_transposed_convolution(c_in, c_out, h, w):
   np.testing.assert_allclose(conv_transpose_4x4_s2(x, kernel), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('c_in,c_out,h,w', [(3, 5, 4, 6), (8, 3, 7, 5), (16, 12, 8, 8)])
+def test_conv_transpose_gradients_equal_xlas_transposed_convolution(c_in, c_out, h, w):
+  """The CPU backward pass (the gradients of the convolution it transposes) against JAX's own
+  gradients of `lax.conv_transpose`, in float32 and bfloat16."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, h, w, c_in)).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, c_in, c_out)).astype(np.float32)
+  cotangent = rng.normal(size=(2, 2 * h, 2 * w, c_out)).astype(np.float32)
+  reference = lambda x, kernel: lax.conv_transpose(
+      x, kernel[::-1, ::-1], (2, 2), ((2, 2), (2, 2)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  expected = jax.vjp(reference, x, kernel)[1](cotangent)
+  got = jax.vjp(conv_transpose_4x4_s2, x, kernel)[1](cotangent)
+  for mine, theirs in zip(got, expected):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+  as_bf16 = lambda *arrays: [jnp.asarray(a, jnp.bfloat16) for a in arrays]
+  x16, kernel16, cotangent16 = as_bf16(x, kernel, cotangent)
+  grad_x16, grad_kernel16 = jax.vjp(conv_transpose_4x4_s2, x16, kernel16)[1](cotangent16)
+  chex.assert_type([grad_x16, grad_kernel16], jnp.bfloat16)
+  for mine, theirs in zip((grad_x16, grad_kernel16), expected):
+    scale = float(np.max(np.abs(theirs)))
+    np.testing.assert_allclose(np.asarray(mine, np.float32), theirs, atol=0.05 * scale)
+
+
 def test_conv_transpose_module_init_is_pytorchs():
   layer = ConvTranspose4x4s2(features=64)
   params = layer.init(jax.random.key(0), jnp.zeros((1, 2, 2, 128)))['params']

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import XLA_FLAGS_FOR_DEVICES
-from train import trainer
+from train import data, trainer
 from train.checkpoints import load_model
 from train.configs import quickstart
 from vqvae_jax import VQVAE
@@ -81,6 +81,25 @@ def test_quickstart_data_end_to_end(tmp_path):
   codes = model.apply(variables, images, method=VQVAE.encode)
   assert codes.shape == (2, 8, 8) and codes.dtype == np.int32
   assert model.apply(variables, codes, method=VQVAE.decode).shape == images.shape
+
+
+def test_quickstart_holds_out_whole_photos():
+  assert not set(data.QUICKSTART_TRAIN_PHOTOS) & set(data.QUICKSTART_EVAL_PHOTOS)
+  for name in data.QUICKSTART_TRAIN_PHOTOS + data.QUICKSTART_EVAL_PHOTOS:
+    photo = data.quickstart_photo(name)
+    assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] >= 3, name
+    assert min(photo.shape[:2]) >= data.QUICKSTART_CROP, name
+  # Every held-out crop is cut from one of the held-out photos, from each of them.
+  _, eval_crops = data._quickstart()  # pylint: disable=protected-access
+  sources = [data.quickstart_photo(name)[..., :3] for name in data.QUICKSTART_EVAL_PHOTOS]
+  windows = [np.lib.stride_tricks.sliding_window_view(photo, (32, 32, 3))[:, :, 0]
+             for photo in sources]
+  found = [0] * len(sources)
+  for crop in eval_crops[:20]:
+    matches = [bool(np.any(np.all(w == crop, axis=(2, 3, 4)))) for w in windows]
+    assert any(matches)
+    found = [f + m for f, m in zip(found, matches)]
+  assert all(found)
 
 
 def test_tfds_mock_data_end_to_end(tmp_path):

@@ -2,13 +2,20 @@
 
     python -m train.bench --out benchmarks/cpu.json --markdown benchmarks/cpu.md
     python -m train.bench --batch_sizes=256 --dtypes=float32 --quantizers=ema --steps=5
+    python -m train.bench --steps_per_dispatch=1,20 --out benchmarks/gpu.json  # on a GPU
 
 For each quantizer (EMA 0.99 and plain), batch size and dtype it times the jit-compiled step of
 `train.step` (`create_train_state`, `make_train_step`, `jax.jit(..., donate_argnums=0)`) after
 compilation, and on the same device and batch the seed's PyTorch model (eager and
-`torch.compile`) when torch is installed. PyTorch always runs the seed as written, in float32;
-the bfloat16 rows compare against that. It reports images/s, peak memory, XLA's FLOP count and
-the fraction of the device's peak, then times `nearest_code` with a 65,536-code codebook.
+`torch.compile`) when torch is installed, on the GPU when torch sees one. PyTorch always runs the
+seed as written, in float32 with its default TF32 convolutions on GPUs; the bfloat16 rows compare
+against that. It reports images/s, peak memory, XLA's FLOP count and the fraction of the device's
+peak, then times `nearest_code` with a 65,536-code codebook.
+
+`--steps_per_dispatch=k` also times the trainer's way of running: `k` optimizer steps in one
+`lax.scan` per jit call, which removes the per-step Python and launch overhead that bounds a model
+this small on an accelerator. The report is rewritten after each configuration, so an interrupted
+run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -44,14 +51,15 @@ IMAGE_SIZE = 32
 DATA_VARIANCE = 0.06327  # CIFAR-10's, as in the seed's notebook; it does not change the speed.
 
 # Dense peak TFLOP/s by device_kind substring: (float32, bfloat16), from the vendors' data
-# sheets (SXM parts for NVIDIA). TPUs run float32 matmuls as bfloat16 passes, so only the
-# bfloat16 peak is listed for them.
+# sheets (SXM parts for NVIDIA). The float32 column is the TF32 tensor-core peak: XLA and
+# PyTorch both run float32 convolutions as TF32 on these GPUs by default. TPUs run float32
+# matmuls as bfloat16 passes, so only the bfloat16 peak is listed for them.
 ACCELERATOR_PEAK_TFLOPS = {
-    'H200': (67.0, 989.0),
-    'H100': (67.0, 989.0),
-    'A100': (19.5, 312.0),
-    'L4': (30.3, 121.0),
-    'A10G': (31.2, 125.0),
+    'H200': (494.7, 989.0),
+    'H100': (494.7, 989.0),
+    'A100': (156.0, 312.0),
+    'L4': (60.0, 121.0),
+    'A10G': (62.5, 125.0),
     'TPU v6': (None, 918.0),
     'TPU v5p': (None, 459.0),
     'TPU v5': (None, 197.0),  # v5e, which reports 'TPU v5 lite'
@@ -67,10 +75,13 @@ class Measurement:
   quantizer: str
   batch_size: int
   dtype: str
+  steps_per_dispatch: int = 1
   images_per_s: Optional[float] = None
   step_ms: Optional[float] = None
   peak_memory_mb: Optional[float] = None
   peak_memory_increase_mb: Optional[float] = None  # over the memory in use before it started
+  # XLA's own account of the compiled step: arguments + outputs + temporaries - donated aliases.
+  executable_memory_mb: Optional[float] = None
   flops_per_step: Optional[float] = None
   achieved_tflops: Optional[float] = None
   fraction_of_peak: Optional[float] = None
@@ -114,9 +125,19 @@ def _cpu_mhz() -> Optional[float]:
 
 def device_description() -> Dict[str, Any]:
   device = jax.devices()[0]
-  return dict(platform=device.platform, device_kind=device.device_kind,
-              num_devices=jax.device_count(), cpu_model=cpu_model(),
-              cpu_count=os.cpu_count(), jax_version=jax.__version__)
+  description = dict(platform=device.platform, device_kind=device.device_kind,
+                     num_devices=jax.device_count(), cpu_model=cpu_model(),
+                     cpu_count=os.cpu_count(), jax_version=jax.__version__)
+  if importlib.util.find_spec('torch') is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    description['torch_version'] = torch.__version__
+    if torch.cuda.is_available():
+      # TF32 convolutions are PyTorch's default on NVIDIA GPUs, as they are XLA's.
+      description.update(torch_device=torch.cuda.get_device_name(),
+                         torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                         torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                         torch_memory='torch.cuda.max_memory_allocated, reset per configuration')
+  return description
 
 
 def peak_tflops(dtype: str, cpu_peak_gflops: Optional[float] = None) -> tuple:
@@ -139,7 +160,8 @@ def peak_tflops(dtype: str, cpu_peak_gflops: Optional[float] = None) -> tuple:
   for name, (fp32, bf16) in ACCELERATOR_PEAK_TFLOPS.items():
     if name in device.device_kind:
       peak = bf16 if dtype == 'bfloat16' or fp32 is None else fp32
-      return peak, f'data sheet, dense {dtype if fp32 else "bfloat16"}, {name}'
+      kind = 'bfloat16' if dtype == 'bfloat16' or fp32 is None else 'TF32'
+      return peak, f'data sheet, dense {kind}, {name}'
   return None, f'unknown device_kind {device.device_kind!r}'
 
 
@@ -183,6 +205,28 @@ class PeakMemory:
     return (self.peak_bytes - self.baseline_bytes) / 2**20
 
 
+class TorchCudaPeakMemory:
+  """PyTorch's CUDA allocator peak over a block of work, reset at its start."""
+
+  def __init__(self, torch):
+    self.torch = torch
+
+  def __enter__(self):
+    self.torch.cuda.synchronize()
+    self.torch.cuda.reset_peak_memory_stats()
+    self.baseline_bytes = self.torch.cuda.memory_allocated()
+    return self
+
+  def __exit__(self, *exc):
+    self.torch.cuda.synchronize()
+    self.peak_bytes = self.torch.cuda.max_memory_allocated()
+    return False
+
+  @property
+  def increase_mb(self) -> float:
+    return (self.peak_bytes - self.baseline_bytes) / 2**20
+
+
 def _proc_status_bytes(field: str) -> int:
   try:
     for line in Path('/proc/self/status').read_text().splitlines():
@@ -201,6 +245,7 @@ class Timed:
   run: Optional[Callable[[], Any]] = None  # one training step; None when skipped
   wait: Callable[[Any], Any] = jax.block_until_ready  # blocks on what `run` returned
   peak_flops: Optional[float] = None
+  steps_per_call: int = 1  # optimizer steps that one `run` does
 
   def record(self, step_s: float) -> Measurement:
     m = self.measurement
@@ -224,17 +269,55 @@ def time_interleaved(prepared: Sequence[Timed], steps: int, rounds: int) -> List
     for i, timed in enumerate(prepared):
       if timed.run is None:
         continue
+      calls = max(1, steps // timed.steps_per_call)
       start = time.perf_counter()
-      for _ in range(steps):
+      for _ in range(calls):
         out = timed.run()
       timed.wait(out)
-      best[i] = min(best[i], (time.perf_counter() - start) / steps)
+      best[i] = min(best[i], (time.perf_counter() - start) / (calls * timed.steps_per_call))
   return [timed.record(step_s) if timed.run else timed.measurement
           for timed, step_s in zip(prepared, best)]
 
 
-def _cost_flops(compiled) -> Optional[float]:
-  analysis = compiled.cost_analysis()
+def _executable_mb(compiled) -> Optional[float]:
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if analysis is None:
+    return None
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+           + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  return total / 2**20
+
+
+def _compiled_or_none_mb(lowered) -> Optional[float]:
+  """The executable memory of `lowered`, or None when it cannot even be compiled: the direct
+  search over 1M vectors asks XLA for more memory than most devices have."""
+  try:
+    return _executable_mb(lowered.compile())
+  except Exception:  # pylint: disable=broad-except  # out-of-memory at compile time, per backend
+    return None
+
+
+def step_flops(train_steps, *args) -> Optional[float]:
+  """FLOPs of one call of `train_steps(*args)`, as XLA counts them before its backend passes.
+
+  Not after them: there, GPU convolutions are cuDNN custom calls that the cost analysis does not
+  count. A loop body counts once whatever its trip count, so `args` should hold one step. Where
+  the backend gives no analysis of the lowered HLO (jax 0.11.2 on an H200 gave none), XLA:CPU
+  compiles the same function and counts it.
+  """
+  flops = _cost_flops(train_steps.lower(*args))
+  if flops is None:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    on_cpu = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+    flops = _cost_flops(train_steps.lower(*on_cpu).compile())
+  return flops
+
+
+def _cost_flops(stage) -> Optional[float]:
+  analysis = stage.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   return float(analysis['flops']) if analysis and 'flops' in analysis else None
@@ -246,14 +329,15 @@ def _cost_flops(compiled) -> Optional[float]:
 
 def prepare_jax(quantizer: str, batch_size: int, dtype: str,
                 model_config: Optional[Dict[str, Any]] = None, image_size: int = IMAGE_SIZE,
-                cpu_peak_gflops: Optional[float] = None) -> Timed:
-  """The jitted training step of `train.step`, compiled and run once; one step per call."""
+                cpu_peak_gflops: Optional[float] = None, steps_per_dispatch: int = 1) -> Timed:
+  """The jitted training step of `train.step`, compiled and run once; `run` does
+  `steps_per_dispatch` optimizer steps in one call, and the figures are per optimizer step."""
   model = VQVAE(**(model_config or SEED_MODEL), decay=DECAYS[quantizer],
                 dtype=jnp.dtype(dtype))
   tx = optax.adam(LEARNING_RATE)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (1, batch_size, image_size, image_size, 3),
-                                    dtype=np.uint8))
+  images = jnp.asarray(rng.integers(
+      0, 256, (steps_per_dispatch, batch_size, image_size, image_size, 3), dtype=np.uint8))
   data_variance = jnp.float32(DATA_VARIANCE)
   with PeakMemory() as memory:
     state = create_train_state(model, tx, jax.random.key(0), images[0])
@@ -261,6 +345,7 @@ def prepare_jax(quantizer: str, batch_size: int, dtype: str,
     start = time.perf_counter()
     compiled = train_steps.lower(state, images, data_variance).compile()
     compile_s = time.perf_counter() - start
+    flops_per_step = step_flops(train_steps, state, images[:1], data_variance)
     state, metrics = compiled(state, images, data_variance)  # the first run allocates
     if not np.isfinite(float(metrics['loss'])):
       raise FloatingPointError(f'non-finite loss in {quantizer} {dtype} batch {batch_size}')
@@ -270,11 +355,13 @@ def prepare_jax(quantizer: str, batch_size: int, dtype: str,
     state, metrics = compiled(state, images, data_variance)
     return metrics
 
-  measurement = Measurement('jax', quantizer, batch_size, dtype,
+  measurement = Measurement('jax', quantizer, batch_size, dtype, steps_per_dispatch,
                             peak_memory_mb=memory.peak_bytes / 2**20,
                             peak_memory_increase_mb=memory.increase_mb,
-                            flops_per_step=_cost_flops(compiled), compile_s=compile_s)
-  return Timed(measurement, run, peak_flops=peak_tflops(dtype, cpu_peak_gflops)[0])
+                            executable_memory_mb=_executable_mb(compiled),
+                            flops_per_step=flops_per_step, compile_s=compile_s)
+  return Timed(measurement, run, peak_flops=peak_tflops(dtype, cpu_peak_gflops)[0],
+               steps_per_call=steps_per_dispatch)
 
 
 def bench_jax(quantizer: str, batch_size: int, dtype: str, steps: int, rounds: int = 1,
@@ -297,7 +384,8 @@ def _import_seed_torch():
 
 def prepare_torch(quantizer: str, batch_size: int, compile_model: bool) -> Timed:
   """The seed's training step, float32, eager or `torch.compile`d, warmed up: Adam on
-  `mse(recon, x) / var + vq_loss`. Skipped, with the reason, when torch or the compiler fails."""
+  `mse(recon, x) / var + vq_loss`, on the GPU when torch sees one. Skipped, with the reason, when
+  torch or the compiler fails."""
   framework = 'torch.compile' if compile_model else 'torch eager'
   result = Timed(Measurement(framework, quantizer, batch_size, 'float32'))
   try:
@@ -311,12 +399,13 @@ def prepare_torch(quantizer: str, batch_size: int, compile_model: bool) -> Timed
     return result
   seed = _import_seed_torch()
   torch.manual_seed(0)
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   model = seed.Model(SEED_MODEL['num_hiddens'], SEED_MODEL['num_residual_layers'],
                      SEED_MODEL['num_residual_hiddens'], SEED_MODEL['num_embeddings'],
                      SEED_MODEL['embedding_dim'], SEED_MODEL['commitment_cost'],
-                     DECAYS[quantizer])
+                     DECAYS[quantizer]).to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-  images = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE) - 0.5
+  images = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device) - 0.5
   forward = torch.compile(model) if compile_model else model
 
   def step():
@@ -327,11 +416,12 @@ def prepare_torch(quantizer: str, batch_size: int, compile_model: bool) -> Timed
     optimizer.step()
     return loss
 
-  with PeakMemory() as memory:
+  memory = PeakMemory() if device.type == 'cpu' else TorchCudaPeakMemory(torch)
+  with memory:
     start = time.perf_counter()
     try:
       for _ in range(3):  # torch.compile compiles again once the optimizer has state
-        step()
+        step().item()
     except Exception as error:  # torch.compile raises many types; all mean "not available".
       result.measurement.skipped = f'{framework} failed: {type(error).__name__}: {error}'[:300]
       return result
@@ -353,15 +443,17 @@ def bench_large_codebook(num_vectors: int, num_codes: int, dim: int, chunk_size:
   keys = jax.random.split(jax.random.key(1), 2)
   codebook = jax.random.normal(keys[0], (num_codes, dim), jnp.float32)
   vectors = jax.random.normal(keys[1], (num_vectors, dim), jnp.float32)
-  chunked = jax.jit(lambda x, e: nearest_code(x, e, chunk_size))
-  direct = jax.jit(lambda x, e: nearest_code(x, e, None))
   jax.block_until_ready((codebook, vectors))
-
+  direct_full = jax.jit(lambda x, e: nearest_code(x, e, None)).lower(vectors, codebook)
   with PeakMemory() as chunked_memory:
     start = time.perf_counter()
+    chunked = jax.jit(lambda x, e: nearest_code(x, e, chunk_size)).lower(vectors,
+                                                                         codebook).compile()
     indices = jax.block_until_ready(chunked(vectors, codebook))
     chunked_s = time.perf_counter() - start  # includes compilation, which is ~1 s of it
   with PeakMemory() as direct_memory:
+    direct = jax.jit(lambda x, e: nearest_code(x, e, None)).lower(vectors[:subset],
+                                                                  codebook).compile()
     direct_indices = jax.block_until_ready(direct(vectors[:subset], codebook))
   # Distances tie to the last bit only by chance; count them rather than fail on them.
   distances = squared_distances(vectors[:subset], codebook)
@@ -377,6 +469,9 @@ def bench_large_codebook(num_vectors: int, num_codes: int, dim: int, chunk_size:
       peak_memory_increase_mb_chunked_full=chunked_memory.increase_mb,
       peak_memory_mb_direct_subset=direct_memory.peak_bytes / 2**20,
       peak_memory_increase_mb_direct_subset=direct_memory.increase_mb,
+      executable_memory_mb_chunked_full=_executable_mb(chunked),
+      executable_memory_mb_direct_subset=_executable_mb(direct),
+      executable_memory_mb_direct_full=_compiled_or_none_mb(direct_full),
       distance_matrix_mb_chunk=chunk_size * num_codes * 4 / 2**20,
       distance_matrix_mb_direct_subset=subset * num_codes * 4 / 2**20,
       distance_matrix_mb_direct_full_theoretical=num_vectors * num_codes * 4 / 2**20,
@@ -398,7 +493,7 @@ def ratios(measurements: Sequence[Measurement]) -> List[Dict[str, Any]]:
     eager = torch_ips.get(('torch eager', m.quantizer, m.batch_size))
     compiled = torch_ips.get(('torch.compile', m.quantizer, m.batch_size))
     rows.append(dict(quantizer=m.quantizer, batch_size=m.batch_size, dtype=m.dtype,
-                     jax_images_per_s=m.images_per_s, torch_eager_images_per_s=eager,
+                     steps_per_dispatch=m.steps_per_dispatch, jax_images_per_s=m.images_per_s, torch_eager_images_per_s=eager,
                      torch_compile_images_per_s=compiled,
                      jax_over_torch_eager=m.images_per_s / eager if eager else None,
                      jax_over_torch_compile=m.images_per_s / compiled if compiled else None))
@@ -412,28 +507,35 @@ def _fmt(value, spec='.1f'):
 def markdown(report: Dict[str, Any]) -> str:
   device = report['device']
   lines = [f"Device: {device['platform']} / {device['device_kind']} / {device['cpu_model']} "
-           f"({device['cpu_count']} CPUs), jax {device['jax_version']}.",
-           f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}.",
+           f"({device['cpu_count']} CPUs), jax {device['jax_version']}, torch "
+           f"{device.get('torch_version', '-')} on {device.get('torch_device', 'the CPU')}.",
+           f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}"
+           f"{'; PyTorch: ' + device['torch_memory'] if 'torch_memory' in device else ''}.",
            f"Load average (1 min) before and after: "
            f"{report.get('load_average_1min_before_after')}; each number is the fastest of "
            f"several rounds, and the rounds of all frameworks alternate.", '',
-           '| quantizer | batch | dtype | JAX img/s | torch eager | torch.compile | '
-           'JAX/eager | JAX/compile |', '|---|---|---|---|---|---|---|---|']
+           'JAX steps per dispatch: k optimizer steps in one jit call (the trainer\'s '
+           '`steps_per_dispatch`); PyTorch runs one step per call.', '',
+           '| quantizer | batch | dtype | JAX k | JAX img/s | torch eager | torch.compile | '
+           'JAX/eager | JAX/compile |', '|---|---|---|---|---|---|---|---|---|']
   for row in report['ratios']:
     lines.append(
         f"| {row['quantizer']} | {row['batch_size']} | {row['dtype']} | "
+        f"{row['steps_per_dispatch']} | "
         f"{_fmt(row['jax_images_per_s'])} | {_fmt(row['torch_eager_images_per_s'])} | "
         f"{_fmt(row['torch_compile_images_per_s'])} | {_fmt(row['jax_over_torch_eager'], '.2f')}"
         f" | {_fmt(row['jax_over_torch_compile'], '.2f')} |")
-  lines += ['', '| framework | quantizer | batch | dtype | step ms | peak MB (+increase) | '
-            'GFLOP/step | TFLOP/s | of peak | compile s | note |',
-            '|---|---|---|---|---|---|---|---|---|---|---|']
+  lines += ['', '| framework | quantizer | batch | dtype | k | step ms | peak MB (+increase) | '
+            'XLA executable MB | GFLOP/step | TFLOP/s | of peak | compile s | note |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for m in report['measurements']:
     flops = m['flops_per_step'] / 1e9 if m['flops_per_step'] else None
     lines.append(
         f"| {m['framework']} | {m['quantizer']} | {m['batch_size']} | {m['dtype']} | "
+        f"{m.get('steps_per_dispatch', 1)} | "
         f"{_fmt(m['step_ms'])} | {_fmt(m['peak_memory_mb'], '.0f')} "
-        f"({_fmt(m['peak_memory_increase_mb'], '+.0f')}) | {_fmt(flops)} | "
+        f"({_fmt(m['peak_memory_increase_mb'], '+.0f')}) | "
+        f"{_fmt(m.get('executable_memory_mb'), '.0f')} | {_fmt(flops)} | "
         f"{_fmt(m['achieved_tflops'], '.3f')} | {_fmt(m['fraction_of_peak'], '.1%')} | "
         f"{_fmt(m['compile_s'])} | {m['skipped'] or ''} |")
   large = report.get('large_codebook')
@@ -449,7 +551,11 @@ def markdown(report: Dict[str, Any]) -> str:
               f"{large['peak_memory_increase_mb_direct_subset']:.0f} MB (distances "
               f"{large['distance_matrix_mb_direct_subset']:.0f} MB); the direct [N, K] float32 "
               f"distances over all N would need "
-              f"{large['distance_matrix_mb_direct_full_theoretical'] / 1024:.1f} GiB."]
+              f"{large['distance_matrix_mb_direct_full_theoretical'] / 1024:.1f} GiB. "
+              f"XLA's executable memory: chunked over all N "
+              f"{_fmt(large.get('executable_memory_mb_chunked_full'), '.0f')} MB, direct over "
+              f"all N {_fmt(large.get('executable_memory_mb_direct_full'), '.0f')} MB "
+              f"('-': could not be compiled)."]
   return '\n'.join(lines) + '\n'
 
 
@@ -464,6 +570,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--batch_sizes', type=_csv(int), default=[32, 256])
   parser.add_argument('--dtypes', type=_csv(str), default=['float32', 'bfloat16'])
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
+  parser.add_argument('--steps_per_dispatch', type=_csv(int), default=[1],
+                      help='comma-separated k: JAX optimizer steps per jit call (lax.scan)')
   parser.add_argument('--rounds', type=int, default=3,
                       help='interleaved rounds per configuration; the fastest is reported')
   parser.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
@@ -490,6 +598,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return args
 
 
+def build_report(args, argv, device, load_before, measurements, large) -> Dict[str, Any]:
+  with PeakMemory() as probe:
+    pass
+  # Other processes' load is what makes a shared machine's numbers move; record it.
+  return dict(device=device, load_average_1min_before_after=(load_before[0], os.getloadavg()[0]),
+              peak_note='; '.join(f'{dtype}: {peak_tflops(dtype, args.cpu_peak_gflops)[1]}'
+                                  for dtype in args.dtypes),
+              memory_source=probe.source, argv=sys.argv[1:] if argv is None else list(argv),
+              measurements=[dataclasses.asdict(m) for m in measurements],
+              ratios=ratios(measurements), large_codebook=large)
+
+
+def write_report(args, report: Dict[str, Any]) -> str:
+  table = markdown(report)
+  for path, text in ((args.out, json.dumps(report, indent=2) + '\n'), (args.markdown, table)):
+    if path:
+      Path(path).parent.mkdir(parents=True, exist_ok=True)
+      Path(path).write_text(text)
+  return table
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
   device = device_description()
@@ -502,32 +631,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       prepared = [prepare_torch(quantizer, batch_size, compile_model)
                   for compile_model in ((False, True) if args.torch_compile else (False,))
                   if args.torch]
-      prepared += [prepare_jax(quantizer, batch_size, dtype,
-                               cpu_peak_gflops=args.cpu_peak_gflops) for dtype in args.dtypes]
+      prepared += [prepare_jax(quantizer, batch_size, dtype, steps_per_dispatch=k,
+                               cpu_peak_gflops=args.cpu_peak_gflops)
+                   for dtype in args.dtypes for k in args.steps_per_dispatch]
       for measurement in time_interleaved(prepared, args.steps, args.rounds):
         measurements.append(measurement)
         print(measurement, flush=True)
+      del prepared  # frees this configuration's device buffers before the next one
+      write_report(args, build_report(args, argv, device, load_before, measurements, None))
   large = None
   if args.large_n:
     large = bench_large_codebook(args.large_n, args.large_k, 64, args.large_chunk_size,
                                  min(args.large_subset, args.large_n))
     print(large, flush=True)
-  with PeakMemory() as probe:
-    pass
-  # Other processes' load is what makes a shared machine's numbers move; record it.
-  report = dict(device=device, load_average_1min_before_after=(load_before[0], os.getloadavg()[0]),
-                peak_note=peak_tflops('float32', args.cpu_peak_gflops)[1],
-                memory_source=probe.source, argv=sys.argv[1:] if argv is None else list(argv),
-                measurements=[dataclasses.asdict(m) for m in measurements],
-                ratios=ratios(measurements), large_codebook=large)
-  table = markdown(report)
-  print(table)
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + '\n')
-  if args.markdown:
-    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.markdown).write_text(table)
+  report = build_report(args, argv, device, load_before, measurements, large)
+  print(write_report(args, report))
   return report
 
 

@@ -10,9 +10,9 @@ restart). For the seed's quantizer exactly, add `--config.model.zero_debias=Fals
 Preparing CIFAR-10 with tfds needs TensorFlow once (`pip install tensorflow`); training reads
 the prepared files through `tfds.data_source` without it. Sonnet's notebook reaches a training
 NMSE of 0.061 at 5k steps and 0.056 at 10k (perplexity ~326); this project has not run the
-full schedule itself (its machines cannot download CIFAR-10). Time: the step runs at ~650
-images/s on a 2-core CPU (benchmarks/cpu.md), so 10k steps of 32 take about 9 minutes there
-plus evaluation. Override any key on the command line, e.g. `--config.batch_size=256
+full schedule itself (its machines cannot download CIFAR-10). Time: the step runs at ~900
+images/s on a 2-core CPU with 10 steps per dispatch (benchmarks/cpu.md), so 10k steps of 32
+take about 6 minutes there plus evaluation. Override any key on the command line, e.g. `--config.batch_size=256
 --config.learning_rate=1e-3`.
 """
 

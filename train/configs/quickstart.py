@@ -2,9 +2,9 @@
 
     python -m train --config train/configs/quickstart.py --workdir runs/quickstart
 
-Needs no download. Trains on crops of six photos and evaluates on crops of a seventh
-(`skimage.data.chelsea`), so the held-out numbers are on an unseen photo. Finishes on 2 CPU
-cores in a few minutes; `runs/quickstart/reconstructions.png` shows originals above their
+Needs no download. Trains on crops of six photos and evaluates on crops of two others
+(`skimage.data.chelsea` and the left photo of `skimage.data.stereo_motorcycle`), so the held-out
+numbers are on unseen photos. Finishes on 2 CPU cores in a few minutes; `runs/quickstart/reconstructions.png` shows originals above their
 reconstructions.
 """
 

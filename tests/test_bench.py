@@ -86,3 +86,12 @@ def test_scanned_step_has_only_canonical_convolutions():
   dim_labels = re.findall(r' convolution\(.*?dim_labels=([^,\s]+)', hlo)
   assert len(dim_labels) >= 10  # forward and input gradients at least; some are matmuls
   assert set(dim_labels) == {'b01f_01io->b01f'}
+
+
+def test_torch_compile_retry_patches_exactly_the_seeds_scatters():
+  """The fallback for Inductor's int64 one-hot changes the seed's two `scatter_` calls only."""
+  source = bench.SEED_TORCH.read_text(encoding='utf-8')
+  assert source.count(bench.SEED_SCATTER) == 2
+  patched = source.replace(bench.SEED_SCATTER, bench.FLOAT_SCATTER)
+  changed = [(a, b) for a, b in zip(source.splitlines(), patched.splitlines()) if a != b]
+  assert len(changed) == 2 and all(b == a.replace(', 1)', ', 1.0)') for a, b in changed)

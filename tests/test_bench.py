@@ -72,20 +72,36 @@ def test_flags_pick_a_subset():
     bench.parse_args(['--quantizers=fsq'])
 
 
+def scanned_step_hlo() -> str:
+  """The compiled HLO of `train_steps` for the tiny model on the seed's 32x32 images (on tiny
+  images XLA swaps convolution operands on its own)."""
+  model = VQVAE(**TINY, decay=0.99)
+  tx = optax.adam(1e-3)
+  images = np.zeros((2, 2, 32, 32, 3), np.uint8)
+  state = create_train_state(model, tx, jax.random.key(0), images[0])
+  return jax.jit(make_train_step(model, tx)).lower(state, images,
+                                                    jnp.float32(1.0)).compile().as_text()
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU property')
 def test_scanned_step_has_only_canonical_convolutions():
   """XLA:CPU makes convolutions NHWC/HWIO only in the entry computation; any other layout left
   in the scan body of `train_steps` runs in XLA's naive loops, 60x slower (see `conv2d`)."""
-  model = VQVAE(**TINY, decay=0.99)
-  tx = optax.adam(1e-3)
-  # The seed's 32x32 images: on tiny ones XLA swaps convolution operands on its own.
-  images = np.zeros((2, 2, 32, 32, 3), np.uint8)
-  state = create_train_state(model, tx, jax.random.key(0), images[0])
-  hlo = jax.jit(make_train_step(model, tx)).lower(state, images,
-                                                   jnp.float32(1.0)).compile().as_text()
-  dim_labels = re.findall(r' convolution\(.*?dim_labels=([^,\s]+)', hlo)
+  dim_labels = re.findall(r' convolution\(.*?dim_labels=([^,\s]+)', scanned_step_hlo())
   assert len(dim_labels) >= 10  # forward and input gradients at least; some are matmuls
   assert set(dim_labels) == {'b01f_01io->b01f'}
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU property')
+def test_kernel_gradient_transposes_are_not_fused_with_their_producers():
+  """The transposes in front of kernel gradients (in `conv2d`'s CPU branch) are not fused with
+  the bias and ReLU that produce their input: fused, XLA:CPU runs them as loops 3-20x slower
+  (see `layers._unfused`)."""
+  hlo = scanned_step_hlo()
+  assert hlo.count(' conditional(') >= 3  # the 3x3 kernel gradients' transposes run in one
+  kernel_grad_transpose = re.compile(r' transpose\(.*op_name="[^"]*/cond/branch_0_fun/transpose"')
+  computations = re.split(r'\n(?=%\S+ \()', hlo)
+  assert not [c for c in computations if ' maximum(' in c and kernel_grad_transpose.search(c)]
 
 
 def test_torch_compile_retry_patches_exactly_the_seeds_scatters():

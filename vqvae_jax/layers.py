@@ -117,11 +117,12 @@ def _unfused(fn, *operands):
   ReLU in front of a convolution) and then runs it as a plain loop, 3-20x slower than its tiled
   transpose: 17 against 4 ms for `[256, 16, 16, 64]`, about 15% of the seed's training step at
   batch 256. The operands of a conditional are materialised before it runs, so `fn` runs in
-  one, behind a predicate that is true but unknown at compile time (XLA:CPU removes
-  optimization barriers before fusion, so those do not help). Both branches are `fn`.
+  one, behind a predicate that XLA cannot evaluate at compile time (XLA:CPU removes
+  optimization barriers before fusion, so those do not help). Both branches are `fn`, so the
+  predicate's value does not matter.
   """
-  known_at_run_time_only = jnp.isfinite(operands[0].reshape(-1)[0])
-  return lax.cond(known_at_run_time_only, fn, fn, *operands)
+  opaque_predicate = jnp.isfinite(operands[0].reshape(-1)[0])
+  return lax.cond(opaque_predicate, fn, fn, *operands)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -45,6 +45,11 @@ def squared_distances(flat_inputs: Array, codebook: Array) -> Array:
           2 * jnp.matmul(x, e.T, precision=_HIGHEST))
 
 
+def nearest_in_distances(distances: Array) -> Array:
+  """int32 `[N]`: each row's nearest code in `[N, K]` distances, the first on ties (argmin)."""
+  return jnp.argmin(distances, axis=1).astype(jnp.int32)
+
+
 def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] = None) -> Array:
   """Index of the nearest code for each row, as the seed's argmin picks it (first on ties).
 
@@ -61,13 +66,11 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
   """
   num_rows = flat_inputs.shape[0]
   if chunk_size is None or chunk_size >= num_rows:
-    return jnp.argmin(squared_distances(flat_inputs, codebook), axis=1).astype(jnp.int32)
+    return nearest_in_distances(squared_distances(flat_inputs, codebook))
   num_chunks = -(-num_rows // chunk_size)
   padded = jnp.pad(flat_inputs, ((0, num_chunks * chunk_size - num_rows), (0, 0)))
   chunks = padded.reshape(num_chunks, chunk_size, flat_inputs.shape[1])
-  indices = lax.map(
-      lambda rows: jnp.argmin(squared_distances(rows, codebook), axis=1).astype(jnp.int32),
-      chunks)
+  indices = lax.map(lambda rows: nearest_in_distances(squared_distances(rows, codebook)), chunks)
   return indices.reshape(-1)[:num_rows]
 
 

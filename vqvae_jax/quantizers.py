@@ -51,7 +51,7 @@ from flax import struct, traverse_util
 from jax import lax
 
 from vqvae_jax.codebook import (batch_usage_entropy_loss, global_row_count, kmeans,
-                                l2_normalize, nearest_code, num_codes_used,
+                                l2_normalize, nearest_code, nearest_in_distances, num_codes_used,
                                 perplexity_from_counts, sample_global_rows, squared_distances,
                                 update_usage)
 
@@ -62,6 +62,10 @@ __all__ = ['QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA', 'merge_co
            'nearest_code', 'num_codes_used', 'perplexity_from_counts', 'squared_distances']
 
 CODEBOOK_INITS = ('seed', 'kmeans')
+# The codebook options both quantizers take, with the same meaning; `VQVAE` passes them on.
+CODEBOOK_OPTIONS = ('codebook_init', 'kmeans_iters', 'dead_code_threshold', 'usage_decay',
+                    'track_usage', 'cosine_codes', 'codebook_dim', 'entropy_weight',
+                    'entropy_temperature')
 
 
 @struct.dataclass
@@ -203,7 +207,7 @@ def _lookup(module: Any, latents: Array, codebook: Array):
   """Nearest codes and the batch statistics shared by both quantizers."""
   if module.return_distances or module.entropy_weight > 0:  # the entropy term needs all of them
     distances = squared_distances(latents, codebook)
-    indices = jnp.argmin(distances, axis=1).astype(jnp.int32)
+    indices = nearest_in_distances(distances)
   else:
     distances = None
     indices = nearest_code(latents, codebook, module.distance_chunk_size)

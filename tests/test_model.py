@@ -208,3 +208,18 @@ def test_conv2d_cpu_gradients_equal_xlas_own(k, stride, padding, c_in, size):
   cotangent = rng.normal(size=out.shape).astype(np.float32)
   for mine, theirs in zip(our_vjp(cotangent), native_vjp(cotangent)):
     np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_every_codebook_option_reaches_the_quantizer():
+  """`VQVAE` declares the quantizers' codebook options and passes each one on, by name."""
+  from vqvae_jax.quantizers import CODEBOOK_OPTIONS, VectorQuantizer, VectorQuantizerEMA  # pylint: disable=g-import-not-at-top
+  for module in (VQVAE, VectorQuantizer, VectorQuantizerEMA):
+    assert set(CODEBOOK_OPTIONS) <= set(module.__dataclass_fields__), module.__name__
+  options = dict(codebook_init='kmeans', kmeans_iters=3, dead_code_threshold=0.5,
+                 usage_decay=0.9, track_usage=True, cosine_codes=True, codebook_dim=4,
+                 entropy_weight=0.1, entropy_temperature=2.0)
+  assert set(options) == set(CODEBOOK_OPTIONS)
+  for decay in (0.0, 0.99):
+    model = VQVAE(**SMALL, decay=decay, **options)
+    vq = model.bind(model.init(jax.random.key(0), images(), train=False)).vq
+    assert {name: getattr(vq, name) for name in CODEBOOK_OPTIONS} == options

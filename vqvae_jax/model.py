@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from vqvae_jax.layers import Conv, ConvTranspose4x4s2, ResidualStack
-from vqvae_jax.quantizers import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, QuantizerOutput, VectorQuantizer,
+                                  VectorQuantizerEMA)
 
 Array = jax.Array
 Dtype = Any
@@ -151,11 +152,7 @@ class VQVAE(nn.Module):
     quantizer = dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
                      commitment_cost=self.commitment_cost, axis_name=self.axis_name,
                      distance_chunk_size=self.distance_chunk_size,
-                     codebook_init=self.codebook_init, kmeans_iters=self.kmeans_iters,
-                     dead_code_threshold=self.dead_code_threshold, usage_decay=self.usage_decay,
-                     track_usage=self.track_usage, cosine_codes=self.cosine_codes,
-                     codebook_dim=self.codebook_dim, entropy_weight=self.entropy_weight,
-                     entropy_temperature=self.entropy_temperature)
+                     **{name: getattr(self, name) for name in CODEBOOK_OPTIONS})
     if self.decay > 0:
       self.vq = VectorQuantizerEMA(decay=self.decay, epsilon=self.epsilon,
                                    zero_debias=self.zero_debias, **quantizer)

@@ -29,6 +29,7 @@ import platform
 import resource
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -387,7 +388,7 @@ def _import_seed_torch(float_scatter: bool = False):
   if float_scatter:
     assert source.count(SEED_SCATTER) == 2, 'the seed no longer has its two scatter_ calls'
     source = source.replace(SEED_SCATTER, FLOAT_SCATTER)
-  module = type(sys)('seed_torch')
+  module = types.ModuleType('seed_torch')
   exec(compile(source, str(SEED_TORCH), 'exec'), module.__dict__)  # pylint: disable=exec-used
   return module
 

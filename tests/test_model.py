@@ -190,15 +190,17 @@ def test_library_imports_no_training_dependencies():
   assert out.stdout.strip() == '[]'
 
 
-@pytest.mark.parametrize('k,stride,padding,c_in,size', [
-    (4, 2, 1, 3, 16), (4, 2, 1, 8, 15), (3, 1, 1, 16, 8), (1, 1, 0, 8, 8), (2, 1, 1, 16, 8)])
-def test_conv2d_cpu_gradients_equal_xlas_own(k, stride, padding, c_in, size):
+@pytest.mark.parametrize('k,stride,padding,c_in,c_out,size', [
+    (4, 2, 1, 3, 5, 16), (4, 2, 1, 8, 5, 15), (1, 1, 0, 8, 5, 8), (2, 1, 1, 16, 5, 8),
+    (3, 1, 1, 8, 16, 8),  # stride 1, C_out >= C_in: x as the image, with the batch as features
+    (3, 1, 1, 16, 5, 8), (3, 1, 0, 16, 5, 9), (5, 1, 1, 16, 5, 9)])  # C_out < C_in: dy as the image
+def test_conv2d_cpu_gradients_equal_xlas_own(k, stride, padding, c_in, c_out, size):
   """conv2d's CPU backward pass (canonical layouts) computes JAX's own convolution gradients,
-  which are what GPUs and TPUs run."""
+  which are what GPUs and TPUs run, on every path `_conv2d_kernel_grad` takes."""
   from vqvae_jax.layers import conv2d  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, size, size, c_in)).astype(np.float32)
-  kernel = rng.normal(size=(k, k, c_in, 5)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, c_in, c_out)).astype(np.float32)
   native = lambda x, kernel: lax.conv_general_dilated(
       x, kernel, (stride, stride), ((padding, padding),) * 2,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

@@ -45,9 +45,45 @@ def squared_distances(flat_inputs: Array, codebook: Array) -> Array:
           2 * jnp.matmul(x, e.T, precision=_HIGHEST))
 
 
+# Rows per block of XLA:CPU's nearest-code search. Its two row reductions over a `[2048, 512]`
+# block take 0.4 ms; over `[16384, 512]` at once, 25 ms (8,192 rows: 3x slower than 4,096).
+_CPU_ROWS_PER_BLOCK = 2048
+
+
 def nearest_in_distances(distances: Array) -> Array:
-  """int32 `[N]`: each row's nearest code in `[N, K]` distances, the first on ties (argmin)."""
-  return jnp.argmin(distances, axis=1).astype(jnp.int32)
+  """int32 `[N]`: each row's nearest code in `[N, K]` distances, as `argmin` picks it.
+
+  The first index wins ties, and a row with a NaN gets its first NaN, as with `jnp.argmin`.
+  """
+  return lax.platform_dependent(
+      distances, cpu=lambda d: _map_over_rows(_first_minimum, d, _CPU_ROWS_PER_BLOCK),
+      default=lambda d: jnp.argmin(d, axis=1).astype(jnp.int32))
+
+
+def _first_minimum(distances: Array) -> Array:
+  """`argmin` over the last axis as a `min` and then a `min` of indices.
+
+  XLA:CPU runs `argmin`'s (value, index) reduction one element at a time: 18 ms for
+  `[16384, 512]`, against 4 ms for these two vectorised reductions in blocks of 2,048 rows
+  (`_CPU_ROWS_PER_BLOCK`), about 4% of the seed's training step at batch 256.
+  """
+  num_codes = distances.shape[-1]
+  lowest = jnp.min(distances, axis=-1, keepdims=True)  # NaN if the row has one
+  is_first_choice = (distances == lowest) | jnp.isnan(distances)
+  return jnp.min(jnp.where(is_first_choice, jnp.arange(num_codes, dtype=jnp.int32), num_codes),
+                 axis=-1)
+
+
+def _map_over_rows(fn, rows: Array, rows_per_block: int) -> Array:
+  """`fn(rows)` for an `fn` that maps `[n, ...]` rows to `[n]`, computed `rows_per_block` rows
+  at a time by `lax.map`. The last block is padded; its extra results are dropped."""
+  num_rows = rows.shape[0]
+  if rows_per_block >= num_rows:
+    return fn(rows)
+  num_blocks = -(-num_rows // rows_per_block)
+  padding = [(0, num_blocks * rows_per_block - num_rows)] + [(0, 0)] * (rows.ndim - 1)
+  blocks = jnp.pad(rows, padding).reshape(num_blocks, rows_per_block, *rows.shape[1:])
+  return lax.map(fn, blocks).reshape(-1)[:num_rows]
 
 
 def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] = None) -> Array:
@@ -59,19 +95,22 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
     chunk_size: if set and smaller than `N`, rows are processed `chunk_size` at a time with
       `lax.map`, so at most `[chunk_size, K]` distances exist at once. This is what lets
       K = 65,536 codes search a million vectors. The indices are the same as without chunks:
-      each row's arithmetic is unchanged.
+      each row's arithmetic is unchanged. Unset, XLA:CPU still works in blocks of 2,048 rows
+      (faster there, see `_first_minimum`); other backends search all rows at once.
 
   Returns:
     int32 `[N]`.
   """
-  num_rows = flat_inputs.shape[0]
-  if chunk_size is None or chunk_size >= num_rows:
-    return nearest_in_distances(squared_distances(flat_inputs, codebook))
-  num_chunks = -(-num_rows // chunk_size)
-  padded = jnp.pad(flat_inputs, ((0, num_chunks * chunk_size - num_rows), (0, 0)))
-  chunks = padded.reshape(num_chunks, chunk_size, flat_inputs.shape[1])
-  indices = lax.map(lambda rows: nearest_in_distances(squared_distances(rows, codebook)), chunks)
-  return indices.reshape(-1)[:num_rows]
+  def search(rows):
+    return nearest_in_distances(squared_distances(rows, codebook))
+
+  if chunk_size is not None:
+    return _map_over_rows(search, flat_inputs, chunk_size)
+  return lax.platform_dependent(
+      flat_inputs,
+      cpu=lambda x: _map_over_rows(lambda rows: _first_minimum(squared_distances(rows, codebook)),
+                                   x, _CPU_ROWS_PER_BLOCK),
+      default=search)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:

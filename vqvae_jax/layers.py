@@ -98,6 +98,8 @@ def _conv2d_kernel_grad(x, kernel_shape, stride, padding, precision, grad_out):
                           (1, stride, stride, 1)).reshape(-1, c_in).T, grad_rows,
                 precision=precision) for r in range(k) for c in range(k)]
     return jnp.stack(taps).reshape(kernel_shape)
+  if stride == 1 and c_out < c_in:
+    return _conv2d_kernel_grad_over_outputs(x, kernel_shape, padding, precision, grad_out)
   # The batch plays the channels' role: x as [C_in, H, W, B] against dy as [h, w, B, C_out]. A
   # negative high padding drops input rows that no window reaches.
   spare = [(size + 2 * padding - k) % stride for size in x.shape[1:3]]
@@ -108,6 +110,23 @@ def _conv2d_kernel_grad(x, kernel_shape, stride, padding, precision, grad_out):
       [(padding, padding - s) for s in spare], rhs_dilation=(stride, stride),
       dimension_numbers=_NHWC, precision=precision)
   return grad_kernel.transpose(1, 2, 0, 3)
+
+
+def _conv2d_kernel_grad_over_outputs(x, kernel_shape, padding, precision, grad_out):
+  """A stride-1 kernel gradient with dy as the image and x as the kernel.
+
+  `dW[r, c, i, o] = sum x[b, y, z, i] dy[b, y - r + p, z - c + p, o]`: a convolution of dy
+  `[C_out, h, w, B]`, padded by `k - 1 - p`, with x `[H, W, B, C_in]`, whose outputs come out
+  flipped. Its output features are the C_in channels instead of C_out, which XLA:CPU runs much
+  faster when C_out is the smaller: 6 against 14 ms for the residual blocks' 128 -> 32 3x3
+  convolution at batch 256. The transposes are cheaper too: x keeps its channels minor.
+  """
+  k = kernel_shape[0]
+  grad_out_t, x_t = _unfused(lambda g, x: (g.transpose(3, 1, 2, 0), x.transpose(1, 2, 0, 3)),
+                             grad_out, x)
+  flipped = lax.conv_general_dilated(grad_out_t, x_t, (1, 1), [(k - 1 - padding,) * 2] * 2,
+                                     dimension_numbers=_NHWC, precision=precision)
+  return jnp.flip(flipped, (1, 2)).transpose(1, 2, 3, 0)
 
 
 def _unfused(fn, *operands):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from train import xla_flags
 from train.step import create_train_state, make_train_step
 from vqvae_jax import VQVAE
 from vqvae_jax.quantizers import nearest_code, squared_distances
@@ -129,7 +130,8 @@ def device_description() -> Dict[str, Any]:
   device = jax.devices()[0]
   description = dict(platform=device.platform, device_kind=device.device_kind,
                      num_devices=jax.device_count(), cpu_model=cpu_model(),
-                     cpu_count=os.cpu_count(), jax_version=jax.__version__)
+                     cpu_count=os.cpu_count(), jax_version=jax.__version__,
+                     xla_flags=os.environ.get('XLA_FLAGS', ''))
   if importlib.util.find_spec('torch') is not None:
     import torch  # pylint: disable=g-import-not-at-top
     description['torch_version'] = torch.__version__
@@ -608,6 +610,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--large_chunk_size', type=int, default=1024)
   parser.add_argument('--large_subset', type=int, default=2048,
                       help='vectors checked against the direct [N, K] computation')
+  parser.add_argument('--trainer_xla_flags', action=argparse.BooleanOptionalAction,
+                      default=True, help="run JAX with the trainer's XLA:CPU option "
+                      '(train/xla_flags.py); --no-trainer_xla_flags times XLA\'s defaults')
   parser.add_argument('--cpu_peak_gflops', type=float, default=None,
                       help='the CPU peak to report utilisation against (default: estimated)')
   parser.add_argument('--out', type=str, default=None, help='write the report as JSON here')
@@ -645,6 +650,8 @@ def write_report(args, report: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
+  if args.trainer_xla_flags:
+    xla_flags.use_measured_cpu_fusions()  # before device_description starts the backend
   device = device_description()
   load_before = os.getloadavg()
   print(f"device: {device}", flush=True)

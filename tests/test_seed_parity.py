@@ -146,15 +146,15 @@ def test_ema_quantizer_updates_match_seed():
 
 
 def test_parity_holds_under_the_trainers_xla_cpu_option():
-  """The trainer hands XLA:CPU's elementwise ops to YNNPACK (train/xla_flags.py); the seed's
+  """The trainer hands XLA:CPU's elementwise ops to YNNPACK (train/cpu_tuning.py); the seed's
   numbers must hold there too. XLA reads its flags once per process, hence the subprocess."""
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from train import xla_flags  # pylint: disable=g-import-not-at-top
+  from train import cpu_tuning  # pylint: disable=g-import-not-at-top
   env = dict(os.environ)
-  if not xla_flags.use_measured_cpu_fusions(env):
+  if not cpu_tuning.use_measured_cpu_fusions(env):
     pytest.skip(f'the trainer sets no XLA:CPU option with this jaxlib or XLA_FLAGS '
                 f'({env.get("XLA_FLAGS")!r})')
-  assert xla_flags.YNN_FUSION_FLAG in env['XLA_FLAGS']
+  assert cpu_tuning.YNN_FUSION_FLAG in env['XLA_FLAGS']
   result = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
        'not under_the_trainers_xla_cpu_option'], env=env, capture_output=True, text=True,

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import xla_flags
+from train import cpu_tuning
 from train.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -81,12 +81,12 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  xla_flags.use_measured_cpu_fusions()  # before JAX starts its backend
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value or _MULTIHOST.value:
     if _COORDINATOR.value:
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cpu_tuning.apply()  # before JAX starts its backend
   from train import trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   try:

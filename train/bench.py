@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import xla_flags
+from train import cpu_tuning
 from train.step import create_train_state, make_train_step
 from vqvae_jax import VQVAE
 from vqvae_jax.quantizers import nearest_code, squared_distances
@@ -535,6 +535,9 @@ def markdown(report: Dict[str, Any]) -> str:
   lines = [f"Device: {device['platform']} / {device['device_kind']} / {device['cpu_model']} "
            f"({device['cpu_count']} CPUs), jax {device['jax_version']}, torch "
            f"{device.get('torch_version', '-')} on {device.get('torch_device', 'the CPU')}.",
+           f"CPU settings (train/cpu_tuning.py; keep_freed_memory applies to both "
+           f"frameworks): {device.get('cpu_tuning')}; XLA_FLAGS: "
+           f"`{device.get('xla_flags') or '(none)'}`.",
            f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}"
            f"{'; PyTorch: ' + device['torch_memory'] if 'torch_memory' in device else ''}.",
            f"Load average (1 min) before and after: "
@@ -610,9 +613,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--large_chunk_size', type=int, default=1024)
   parser.add_argument('--large_subset', type=int, default=2048,
                       help='vectors checked against the direct [N, K] computation')
-  parser.add_argument('--trainer_xla_flags', action=argparse.BooleanOptionalAction,
-                      default=True, help="run JAX with the trainer's XLA:CPU option "
-                      '(train/xla_flags.py); --no-trainer_xla_flags times XLA\'s defaults')
+  parser.add_argument('--xla_cpu_fusions', action=argparse.BooleanOptionalAction, default=True,
+                      help="JAX: the trainer's XLA:CPU fusion option (train/cpu_tuning.py)")
+  parser.add_argument('--keep_freed_memory', action=argparse.BooleanOptionalAction,
+                      default=False, help="the trainer's glibc setting (train/cpu_tuning.py); it "
+                      'applies to the whole process, so to PyTorch as well')
   parser.add_argument('--cpu_peak_gflops', type=float, default=None,
                       help='the CPU peak to report utilisation against (default: estimated)')
   parser.add_argument('--out', type=str, default=None, help='write the report as JSON here')
@@ -650,9 +655,12 @@ def write_report(args, report: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
-  if args.trainer_xla_flags:
-    xla_flags.use_measured_cpu_fusions()  # before device_description starts the backend
+  # Before device_description starts the backend: XLA reads its flags then.
+  tuning = dict(xla_cpu_fusions=args.xla_cpu_fusions and cpu_tuning.use_measured_cpu_fusions())
   device = device_description()
+  tuning['keep_freed_memory'] = (args.keep_freed_memory and device['platform'] == 'cpu' and
+                                 cpu_tuning.keep_freed_memory())
+  device['cpu_tuning'] = tuning
   load_before = os.getloadavg()
   print(f"device: {device}", flush=True)
   measurements: List[Measurement] = []

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from train import trainer, xla_flags
+from train import cpu_tuning, trainer
 from train.configs import quickstart
 from vqvae_jax import RECOMMENDED
 
@@ -53,7 +53,7 @@ def run(variant: str, seed: int, steps: int, workdir: str):
 
 def main(argv):
   del argv
-  xla_flags.use_measured_cpu_fusions()  # the trainer's XLA:CPU option, before JAX starts
+  cpu_tuning.apply()  # the trainer's CPU settings, before JAX starts its backend
   results = {}
   for variant in _VARIANTS.value:
     for seed in map(int, _SEEDS.value):

@@ -1,0 +1,94 @@
+"""train/cpu_tuning.py: the XLA:CPU option and the allocator setting of the training programs."""
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from train import cpu_tuning
+
+OPTION = f'--{cpu_tuning.YNN_FUSION_FLAG}=' + ','.join(cpu_tuning.YNN_FUSION_TYPES)
+
+
+def test_option_is_added_after_the_users_flags():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  assert cpu_tuning.use_measured_cpu_fusions(env, jaxlib_version='0.10.2')
+  assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=8 {OPTION}'
+  assert 'LIBRARY_FUSION_TYPE_ELTWISE' in env['XLA_FLAGS']
+  assert not cpu_tuning.use_measured_cpu_fusions(env, jaxlib_version='0.10.2')  # once only
+  assert env['XLA_FLAGS'].count(cpu_tuning.YNN_FUSION_FLAG) == 1
+
+
+def test_option_is_set_on_an_empty_environment():
+  env = {}
+  assert cpu_tuning.use_measured_cpu_fusions(env, jaxlib_version='0.10.2')
+  assert env == {'XLA_FLAGS': OPTION}
+
+
+def test_users_own_value_wins():
+  mine = f'--{cpu_tuning.YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+  env = {'XLA_FLAGS': mine}
+  assert not cpu_tuning.use_measured_cpu_fusions(env, jaxlib_version='0.10.2')
+  assert env == {'XLA_FLAGS': mine}
+
+
+def test_unmeasured_jaxlib_gets_nothing():
+  """An XLA that does not know an experimental flag aborts, so only measured versions get it."""
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  for version in ('0.11.2', '0.9.0', '1.10.0'):
+    assert not cpu_tuning.use_measured_cpu_fusions(env, jaxlib_version=version)
+  assert env == {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+
+
+class _RecordingLibc:
+
+  def __init__(self, result=1):
+    self.calls, self.result = [], result
+
+  def mallopt(self, parameter, value):
+    self.calls.append((parameter, value))
+    return self.result
+
+
+def test_keep_freed_memory_sets_every_mallopt_parameter():
+  libc = _RecordingLibc()
+  assert cpu_tuning.keep_freed_memory(libc)
+  assert libc.calls == list(cpu_tuning.KEEP_FREED_MEMORY)
+  assert (cpu_tuning.M_MMAP_MAX, 0) in libc.calls and (cpu_tuning.M_ARENA_MAX, 1) in libc.calls
+  assert not cpu_tuning.keep_freed_memory(_RecordingLibc(result=0))  # glibc refused one
+
+
+# A compiled program whose 64 MB temporary (the first matmul's output, the second's input) is
+# freed after every call; prints the page faults of each of 9 calls after the first.
+_PAGE_FAULTS_PER_CALL = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from train import cpu_tuning
+    if sys.argv[1] == 'keep':
+      assert cpu_tuning.keep_freed_memory()
+    f = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w) @ w[0, :, None]))
+    x, w = jnp.ones((16384, 64)), jnp.ones((64, 1024))
+    f(x, w).block_until_ready()
+    def minor_faults():
+      return int(open('/proc/self/stat').read().split(')')[1].split()[7])
+    for _ in range(9):
+      before = minor_faults()
+      f(x, w).block_until_ready()
+      print(minor_faults() - before)
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
+def test_kept_memory_stops_page_faults_on_every_call():
+  """Without the setting, every call faults the temporary's 16,384 pages in again; with it,
+  most calls reuse them (now and then one call still faults them in: the median is the bar)."""
+  faults = {}
+  for mode in ('default', 'keep'):
+    out = subprocess.run([sys.executable, '-c', _PAGE_FAULTS_PER_CALL, mode], check=True,
+                         capture_output=True, text=True)
+    faults[mode] = sorted(int(line) for line in out.stdout.split())
+  assert len(faults['keep']) == 9
+  assert faults['default'][4] >= 8000, faults
+  assert faults['keep'][4] <= 500, faults

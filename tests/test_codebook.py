@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vqvae_jax import (RECOMMENDED, VQVAE, VectorQuantizer, VectorQuantizerEMA,
                        merge_codebook_offset, usage_metrics)
 from vqvae_jax.codebook import (batch_usage_entropy_loss, kmeans, kmeans_plus_plus,
-                                sample_global_rows, squared_distances, update_usage)
+                                nearest_in_distances, sample_global_rows, squared_distances,
+                                update_usage)
 from vqvae_jax.convert import to_seed_state_dict
 
 K, D = 16, 4
@@ -494,3 +495,19 @@ def test_recommended_preset_prevents_the_seeds_collapse():
   assert int(seed_usage['codes_used']) <= 2
   assert int(usage['codes_used']) >= 56, usage  # of 64; measured 61
   assert float(usage['perplexity']) > 40, usage  # measured 51
+
+
+def test_nearest_in_distances_is_numpys_argmin_with_ties_nans_and_odd_row_counts():
+  """On the CPU the search is two `min`s in blocks of 2,048 rows; it must pick what `argmin`
+  picks: the first of tied codes, the first NaN of a row that has one, also in a last block
+  that is only partly filled (5,000 rows)."""
+  rng = np.random.default_rng(0)
+  distances = rng.integers(0, 6, (5000, 64)).astype(np.float32)  # many ties
+  distances[7, [3, 40]] = np.nan
+  distances[4100, 5] = np.nan
+  distances[4999] = np.inf
+  distances[2048, :] = 2.0
+  got = np.asarray(jax.jit(nearest_in_distances)(jnp.asarray(distances)))
+  np.testing.assert_array_equal(got, np.argmin(distances, axis=1))
+  assert got[7] == 3 and got[4100] == 5 and got[4999] == 0 and got[2048] == 0
+  assert got.dtype == np.int32

@@ -16,9 +16,10 @@ Two measured changes, both numerics-neutral, applied by the training programs
   (259 MB at batch 256) and frees them on return. glibc hands allocations that large to
   `mmap` and returns them to the OS on free, so every call page-faults all of it in again:
   66,000 faults and about 70 ms per call at batch 256, 8 ms at batch 32 (a fifth of a step).
-  Keeping freed memory in one heap lets most calls reuse those pages (0 faults per call over
-  four calls at batch 256; now and then a call still faults them in): at batch 32, one step
-  per call went from 39.8 to 30.1 ms. The cost is that the process keeps its peak memory
+  Keeping freed memory in one heap lets calls reuse those pages: 0 faults per call over four
+  calls at batch 256 on a quiet machine; under load about half the calls still fault them in
+  (the same happens with glibc's MALLOC_* variables set before the process starts). At batch
+  32, one step per call went from 39.8 to 30.1 ms. The cost is that the process keeps its peak memory
   until it exits. `lax.scan` over `steps_per_dispatch` steps already amortises the faults,
   so the trainer's default (10 per call) gains less: 31.5 to 29.8 ms.
 """

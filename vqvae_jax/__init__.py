@@ -2,9 +2,10 @@
 
 from vqvae_jax.codebook import usage_metrics
 from vqvae_jax.model import RECOMMENDED, VQVAE, Decoder, Encoder
-from vqvae_jax.quantizers import (QuantizerOutput, VectorQuantizer, VectorQuantizerEMA,
-                                  merge_codebook_offset)
+from vqvae_jax.quantizers import (CodebookOptions, QuantizerOutput, VectorQuantizer,
+                                  VectorQuantizerEMA, merge_codebook_offset)
 
 __all__ = ['VQVAE', 'Encoder', 'Decoder', 'VectorQuantizer', 'VectorQuantizerEMA',
-           'QuantizerOutput', 'RECOMMENDED', 'merge_codebook_offset', 'usage_metrics']
+           'CodebookOptions', 'QuantizerOutput', 'RECOMMENDED', 'merge_codebook_offset',
+           'usage_metrics']
 __version__ = '0.1.0'

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from vqvae_jax.layers import Conv, ConvTranspose4x4s2, ResidualStack
-from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, QuantizerOutput, VectorQuantizer,
-                                  VectorQuantizerEMA)
+from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, CodebookOptions, QuantizerOutput,
+                                  VectorQuantizer, VectorQuantizerEMA)
 
 Array = jax.Array
 Dtype = Any
@@ -74,7 +74,7 @@ class Decoder(nn.Module):
     return ConvTranspose4x4s2(self.out_channels, self.dtype, name='conv_trans_2')(x)
 
 
-class VQVAE(nn.Module):
+class VQVAE(CodebookOptions):
   """The seed's VQ-VAE: encoder, 1x1 pre-quantization conv, quantizer, decoder.
 
   With the defaults and `decay > 0` this is the seed's `Model(..., decay)` and gives its outputs
@@ -99,10 +99,10 @@ class VQVAE(nn.Module):
       the losses and the returned reconstructions are float32 regardless.
     axis_name: inside `shard_map`, the batch axis for the quantizer's statistics.
     distance_chunk_size: see `VectorQuantizer`.
-    codebook_init, kmeans_iters, dead_code_threshold, usage_decay, track_usage, cosine_codes,
-    codebook_dim, entropy_weight, entropy_temperature: the quantizer's remedies for codebook
-      collapse, all off by default (see `VectorQuantizer` and `RECOMMENDED`). Training calls
-      with k-means init or restarts need `rngs={'codebook': key}`.
+    The keyword-only codebook options (`codebook_init`, `dead_code_threshold`, ...): the
+      quantizer's remedies for codebook collapse, all off by default (see `CodebookOptions` and
+      `RECOMMENDED`). Training calls with k-means init or restarts need
+      `rngs={'codebook': key}`.
   """
 
   num_hiddens: int = 128
@@ -119,15 +119,6 @@ class VQVAE(nn.Module):
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
   distance_chunk_size: Optional[int] = None
-  codebook_init: str = 'seed'
-  kmeans_iters: int = 10
-  dead_code_threshold: float = 0.0
-  usage_decay: float = 0.99
-  track_usage: bool = False
-  cosine_codes: bool = False
-  codebook_dim: Optional[int] = None
-  entropy_weight: float = 0.0
-  entropy_temperature: float = 1.0
 
   def __post_init__(self):
     for name in ('num_hiddens', 'num_residual_layers', 'num_residual_hiddens',

@@ -42,6 +42,7 @@ Device layouts:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -58,14 +59,11 @@ from vqvae_jax.codebook import (batch_usage_entropy_loss, global_row_count, kmea
 Array = jax.Array
 
 # Re-exported: these lived here first and other modules import them from here.
-__all__ = ['QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA', 'merge_codebook_offset',
+__all__ = ['CodebookOptions', 'QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA',
+           'merge_codebook_offset',
            'nearest_code', 'num_codes_used', 'perplexity_from_counts', 'squared_distances']
 
 CODEBOOK_INITS = ('seed', 'kmeans')
-# The codebook options both quantizers take, with the same meaning; `VQVAE` passes them on.
-CODEBOOK_OPTIONS = ('codebook_init', 'kmeans_iters', 'dead_code_threshold', 'usage_decay',
-                    'track_usage', 'cosine_codes', 'codebook_dim', 'entropy_weight',
-                    'entropy_temperature')
 
 
 @struct.dataclass
@@ -320,7 +318,45 @@ def _quantize(module: Any, inputs: Array, train: bool) -> QuantizerOutput:
       distances=distances if module.return_distances else None)
 
 
-class VectorQuantizer(nn.Module):
+class CodebookOptions(nn.Module, kw_only=True):
+  """The codebook options that both quantizers take, keyword-only, with the same meaning.
+
+  `VectorQuantizer`, `VectorQuantizerEMA` and `VQVAE` (which passes them on) inherit them, so
+  they are declared once. The defaults are the seed's behaviour; `RECOMMENDED` is the set the
+  training configs use.
+
+  Attributes:
+    codebook_init: `'seed'` (the seed's random init) or `'kmeans'` (k-means over the first
+      training batch's encoder outputs).
+    kmeans_iters: Lloyd iterations of the k-means init, after k-means++ seeding.
+    dead_code_threshold: restart every code whose `code_usage` (expected vectors per batch)
+      falls below this; 0 disables restarts.
+    usage_decay: decay of the `code_usage` EMA.
+    track_usage: keep `batch_stats['code_usage']` even without restarts.
+    cosine_codes: l2-normalise the inputs (after `project_in`) and the codes.
+    codebook_dim: if set, quantize in this many dimensions between Dense projections.
+    entropy_weight: weight of the batch code-usage entropy penalty added to `loss`
+      (`codebook.batch_usage_entropy_loss`); 0 disables it.
+    entropy_temperature: softmax temperature of that penalty's soft assignments.
+  """
+
+  codebook_init: str = 'seed'
+  kmeans_iters: int = 10
+  dead_code_threshold: float = 0.0
+  usage_decay: float = 0.99
+  track_usage: bool = False
+  cosine_codes: bool = False
+  codebook_dim: Optional[int] = None
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 1.0
+
+
+# Their names, for passing them on: `VQVAE` hands each one to its quantizer.
+CODEBOOK_OPTIONS = tuple(field.name for field in dataclasses.fields(CodebookOptions)
+                         if field.name not in ('parent', 'name'))
+
+
+class VectorQuantizer(CodebookOptions):
   """The seed's `VectorQuantizer` (van den Oord et al. 2017), with a learned codebook.
 
   The codebook is the param `embedding`, `[K, C]` (`C = codebook_dim or D`), initialised
@@ -343,18 +379,8 @@ class VectorQuantizer(nn.Module):
       matrix. Not used when `entropy_weight > 0`, which needs every distance.
     return_encodings: also return the `[N, K]` one-hot encodings.
     return_distances: also return the `[N, K]` distances (this materialises them).
-    codebook_init: `'seed'` (the seed's random init) or `'kmeans'` (k-means over the first
-      training batch's encoder outputs).
-    kmeans_iters: Lloyd iterations of the k-means init, after k-means++ seeding.
-    dead_code_threshold: restart every code whose `code_usage` (expected vectors per batch)
-      falls below this; 0 disables restarts.
-    usage_decay: decay of the `code_usage` EMA.
-    track_usage: keep `batch_stats['code_usage']` even without restarts.
-    cosine_codes: l2-normalise the inputs (after `project_in`) and the codes.
-    codebook_dim: if set, quantize in this many dimensions between Dense projections.
-    entropy_weight: weight of the batch code-usage entropy penalty added to `loss`
-      (`codebook.batch_usage_entropy_loss`); 0 disables it.
-    entropy_temperature: softmax temperature of that penalty's soft assignments.
+    The keyword-only codebook options (`codebook_init`, `dead_code_threshold`, ...): see
+      `CodebookOptions`.
   """
 
   num_embeddings: int
@@ -364,15 +390,6 @@ class VectorQuantizer(nn.Module):
   distance_chunk_size: Optional[int] = None
   return_encodings: bool = False
   return_distances: bool = False
-  codebook_init: str = 'seed'
-  kmeans_iters: int = 10
-  dead_code_threshold: float = 0.0
-  usage_decay: float = 0.99
-  track_usage: bool = False
-  cosine_codes: bool = False
-  codebook_dim: Optional[int] = None
-  entropy_weight: float = 0.0
-  entropy_temperature: float = 1.0
 
   def __post_init__(self):
     _check_common(self)
@@ -443,7 +460,7 @@ class VectorQuantizer(nn.Module):
     return _codes_in_use(self, stored)
 
 
-class VectorQuantizerEMA(nn.Module):
+class VectorQuantizerEMA(CodebookOptions):
   """The seed's `VectorQuantizerEMA`: codes are exponential moving averages of their inputs.
 
   State, all float32 in the mutable `batch_stats` collection (`C = codebook_dim or D`):
@@ -491,8 +508,7 @@ class VectorQuantizerEMA(nn.Module):
     distance_chunk_size: see `VectorQuantizer`.
     return_encodings: also return the `[N, K]` one-hot encodings.
     return_distances: also return the `[N, K]` distances.
-    codebook_init, kmeans_iters, dead_code_threshold, usage_decay, track_usage,
-    cosine_codes, codebook_dim, entropy_weight, entropy_temperature: see `VectorQuantizer`.
+    The keyword-only codebook options: see `CodebookOptions`.
   """
 
   num_embeddings: int
@@ -505,15 +521,6 @@ class VectorQuantizerEMA(nn.Module):
   distance_chunk_size: Optional[int] = None
   return_encodings: bool = False
   return_distances: bool = False
-  codebook_init: str = 'seed'
-  kmeans_iters: int = 10
-  dead_code_threshold: float = 0.0
-  usage_decay: float = 0.99
-  track_usage: bool = False
-  cosine_codes: bool = False
-  codebook_dim: Optional[int] = None
-  entropy_weight: float = 0.0
-  entropy_temperature: float = 1.0
 
   def __post_init__(self):
     _check_common(self)

@@ -77,13 +77,15 @@ def keep_freed_memory(libc: Optional[ctypes.CDLL] = None) -> bool:
   return all([libc.mallopt(parameter, value) == 1 for parameter, value in KEEP_FREED_MEMORY])
 
 
-def apply() -> dict:
-  """Both settings, as the training programs use them; returns which took effect.
+def apply(cpu_fusions: bool = True, keep_memory: bool = True) -> dict:
+  """The chosen settings (both by default, as the training programs use them); returns which
+  took effect.
 
   Call it before anything starts JAX's backend (`jax.distributed.initialize` may come first).
   Freed memory is kept only when the backend is the CPU.
   """
-  cpu_fusions = use_measured_cpu_fusions()
+  applied = dict(xla_cpu_fusions=cpu_fusions and use_measured_cpu_fusions())
   import jax  # pylint: disable=g-import-not-at-top
-  return dict(cpu_fusions=cpu_fusions,
-              keep_freed_memory=jax.default_backend() == 'cpu' and keep_freed_memory())
+  applied['keep_freed_memory'] = (keep_memory and jax.default_backend() == 'cpu' and
+                                  keep_freed_memory())
+  return applied

@@ -60,8 +60,8 @@ Array = jax.Array
 
 # Re-exported: these lived here first and other modules import them from here.
 __all__ = ['CodebookOptions', 'QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA',
-           'merge_codebook_offset',
-           'nearest_code', 'num_codes_used', 'perplexity_from_counts', 'squared_distances']
+           'merge_codebook_offset', 'nearest_code', 'num_codes_used', 'perplexity_from_counts',
+           'squared_distances']
 
 CODEBOOK_INITS = ('seed', 'kmeans')
 

@@ -190,26 +190,49 @@ def test_library_imports_no_training_dependencies():
   assert out.stdout.strip() == '[]'
 
 
-@pytest.mark.parametrize('k,stride,padding,c_in,c_out,size', [
-    (4, 2, 1, 3, 5, 16), (4, 2, 1, 8, 5, 15), (1, 1, 0, 8, 5, 8), (2, 1, 1, 16, 5, 8),
-    (3, 1, 1, 8, 16, 8),  # stride 1, C_out >= C_in: x as the image, with the batch as features
-    (3, 1, 1, 16, 5, 8), (3, 1, 0, 16, 5, 9), (5, 1, 1, 16, 5, 9)])  # C_out < C_in: dy as the image
-def test_conv2d_cpu_gradients_equal_xlas_own(k, stride, padding, c_in, c_out, size):
-  """conv2d's CPU backward pass (canonical layouts) computes JAX's own convolution gradients,
-  which are what GPUs and TPUs run, on every path `_conv2d_kernel_grad` takes."""
+@pytest.mark.parametrize('k,stride,padding,c_in,c_out,size,batch', [
+    # Kernel gradients by one matmul over stacked taps: 1x1, 2x2 and 3-channel inputs.
+    (4, 2, 1, 3, 5, 16, 2), (1, 1, 0, 8, 5, 8, 2), (2, 1, 1, 16, 5, 8, 2),
+    # As a convolution with the batch as features; 64 images are two blocks of 32, 48 one.
+    (4, 2, 1, 8, 5, 15, 2), (4, 2, 1, 8, 5, 8, 64), (3, 1, 0, 8, 16, 8, 48),
+    # Stride 1 with C_out < C_in, as a convolution with dy as the image.
+    (3, 1, 0, 16, 5, 9, 2), (5, 1, 1, 16, 5, 9, 64),
+    # Narrow 'same' convolutions on up to 64 images: matmuls over shifted copies, forward too.
+    (3, 1, 1, 8, 16, 8, 2), (3, 1, 1, 16, 5, 8, 2), (3, 1, 1, 16, 5, 8, 64),
+    (5, 1, 2, 6, 9, 7, 64), (3, 1, 1, 72, 80, 4, 2)])
+def test_conv2d_cpu_passes_equal_xlas_own(k, stride, padding, c_in, c_out, size, batch):
+  """conv2d's CPU forward and backward passes compute JAX's own convolution and its
+  gradients, which are what GPUs and TPUs run, on every path they take."""
   from vqvae_jax.layers import conv2d  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, size, size, c_in)).astype(np.float32)
+  x = rng.normal(size=(batch, size, size, c_in)).astype(np.float32)
   kernel = rng.normal(size=(k, k, c_in, c_out)).astype(np.float32)
   native = lambda x, kernel: lax.conv_general_dilated(
       x, kernel, (stride, stride), ((padding, padding),) * 2,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=lax.Precision.HIGHEST)
   out, native_vjp = jax.vjp(native, x, kernel)
   ours, our_vjp = jax.vjp(lambda x, kernel: conv2d(x, kernel, stride, padding), x, kernel)
-  np.testing.assert_allclose(ours, out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours, out, rtol=1e-5, atol=1e-4)
   cotangent = rng.normal(size=out.shape).astype(np.float32)
   for mine, theirs in zip(our_vjp(cotangent), native_vjp(cotangent)):
-    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('c_in,c_out', [(16, 5), (8, 16)])
+def test_narrow_same_conv_keeps_bfloat16_and_sums_in_float32(c_in, c_out):
+  """The matmul form returns bfloat16 for bfloat16 operands, and its error is one rounding of
+  the float32 result, as for XLA's own bfloat16 convolution."""
+  from vqvae_jax.layers import conv2d  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 8, 8, c_in)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)), jnp.bfloat16)
+  exact = lax.conv_general_dilated(x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1),
+                                   ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   precision=lax.Precision.HIGHEST)
+  y, vjp = jax.vjp(lambda x, kernel: conv2d(x, kernel, 1, 1), x, kernel)
+  grad_x, grad_kernel = vjp(jnp.ones_like(y))
+  chex.assert_type([y, grad_x, grad_kernel], jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-8, atol=1e-6)
 
 
 def test_every_codebook_option_reaches_the_quantizer():

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vqvae_jax.blocks import map_over_blocks, merge_blocks
+
 Array = jax.Array
 
 # float32 matmuls at full precision: TPUs and GPUs otherwise run them in bf16 / tf32 passes.
@@ -75,15 +77,8 @@ def _first_minimum(distances: Array) -> Array:
 
 
 def _map_over_rows(fn, rows: Array, rows_per_block: int) -> Array:
-  """`fn(rows)` for an `fn` that maps `[n, ...]` rows to `[n]`, computed `rows_per_block` rows
-  at a time by `lax.map`. The last block is padded; its extra results are dropped."""
-  num_rows = rows.shape[0]
-  if rows_per_block >= num_rows:
-    return fn(rows)
-  num_blocks = -(-num_rows // rows_per_block)
-  padding = [(0, num_blocks * rows_per_block - num_rows)] + [(0, 0)] * (rows.ndim - 1)
-  blocks = jnp.pad(rows, padding).reshape(num_blocks, rows_per_block, *rows.shape[1:])
-  return lax.map(fn, blocks).reshape(-1)[:num_rows]
+  """`fn(rows)` for an `fn` that maps `[n, ...]` rows to `[n]`, `rows_per_block` rows at a time."""
+  return merge_blocks(map_over_blocks(fn, (rows,), rows_per_block), rows.shape[0])
 
 
 def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] = None) -> Array:

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from vqvae_jax.blocks import map_over_blocks
+
 Array = jax.Array
 Dtype = Any
 
@@ -44,8 +46,15 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, padding: int = 0,
   Returns:
     `[B, (H + 2p - k) // s + 1, (W + 2p - k) // s + 1, C_out]`.
   """
-  return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
-                                  dimension_numbers=_NHWC, precision=precision)
+  def convolution(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                    dimension_numbers=_NHWC, precision=precision)
+
+  if not _as_matmuls_on_cpu(x.shape, kernel.shape, stride, padding):
+    return convolution(x, kernel)
+  return lax.platform_dependent(
+      x, kernel, cpu=functools.partial(_same_conv_as_matmuls, precision=precision),
+      default=convolution)
 
 
 def _conv2d_fwd(x, kernel, stride, padding, precision):
@@ -56,6 +65,8 @@ def _conv2d_bwd(stride, padding, precision, residuals, grad_out):
   x, kernel = residuals
 
   def canonical_grads(x, kernel, grad_out):
+    if _as_matmuls_on_cpu(x.shape, kernel.shape, stride, padding):
+      return _same_conv_grads_as_matmuls(x, kernel, precision, grad_out)
     return (_conv2d_input_grad(x.shape, kernel, stride, padding, precision, grad_out),
             _conv2d_kernel_grad(x, kernel.shape, stride, padding, precision, grad_out))
 
@@ -87,21 +98,32 @@ def _conv2d_kernel_grad(x, kernel_shape, stride, padding, precision, grad_out):
   k, _, c_in, c_out = kernel_shape
   b, h_out, w_out, _ = grad_out.shape
   if k <= 2 or c_in < 8:
-    # One matmul per tap, over shifted input slices. XLA:CPU's kernel-gradient convolution is
-    # slow when the kernel it produces is tiny: 1x1 kernels 3-4x, 2x2 kernels up to 50x
-    # (1.7 s against 32 ms for 128 -> 256 channels on 8x8), 3-channel inputs 2x.
+    # One matmul over the stacked, strided input taps `[N, k*k*C_in]`. XLA:CPU's kernel-gradient
+    # convolution is slow when the kernel it produces is tiny: 1x1 kernels 3-4x, 2x2 kernels up
+    # to 50x (1.7 s against 32 ms for 128 -> 256 channels on 8x8), 3-channel inputs 2x. One
+    # matmul instead of one per tap: 0.31 against 0.69 ms for the seed's first 4x4 kernel at
+    # batch 32.
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    grad_rows = grad_out.reshape(-1, c_out)
-    taps = [
-        jnp.dot(lax.slice(x, (0, r, c, 0), (b, r + (h_out - 1) * stride + 1,
-                                             c + (w_out - 1) * stride + 1, c_in),
-                          (1, stride, stride, 1)).reshape(-1, c_in).T, grad_rows,
-                precision=precision) for r in range(k) for c in range(k)]
-    return jnp.stack(taps).reshape(kernel_shape)
+    taps = jnp.stack([
+        lax.slice(x, (0, r, c, 0), (b, r + (h_out - 1) * stride + 1,
+                                    c + (w_out - 1) * stride + 1, c_in), (1, stride, stride, 1))
+        for r in range(k) for c in range(k)], axis=3)
+    return jnp.dot(taps.reshape(-1, k * k * c_in).T, grad_out.reshape(-1, c_out),
+                   precision=precision).reshape(kernel_shape)
   if stride == 1 and c_out < c_in:
-    return _conv2d_kernel_grad_over_outputs(x, kernel_shape, padding, precision, grad_out)
-  # The batch plays the channels' role: x as [C_in, H, W, B] against dy as [h, w, B, C_out]. A
-  # negative high padding drops input rows that no window reaches.
+    kernel_grad = functools.partial(_conv2d_kernel_grad_over_outputs, kernel_shape=kernel_shape,
+                                    padding=padding, precision=precision)
+  else:
+    kernel_grad = functools.partial(_conv2d_kernel_grad_over_batch, kernel_shape=kernel_shape,
+                                    stride=stride, padding=padding, precision=precision)
+  return map_over_blocks(kernel_grad, (x, grad_out), _cpu_images_per_block(b)).sum(0)
+
+
+def _conv2d_kernel_grad_over_batch(x, grad_out, *, kernel_shape, stride, padding, precision):
+  """The kernel gradient as a convolution in which the batch plays the channels' role: x as
+  `[C_in, H, W, B]` against dy as `[h, w, B, C_out]`."""
+  k = kernel_shape[0]
+  # A negative high padding drops input rows that no window reaches.
   spare = [(size + 2 * padding - k) % stride for size in x.shape[1:3]]
   x_t, grad_out_t = _unfused(lambda x, g: (x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3)),
                              x, grad_out)
@@ -112,7 +134,7 @@ def _conv2d_kernel_grad(x, kernel_shape, stride, padding, precision, grad_out):
   return grad_kernel.transpose(1, 2, 0, 3)
 
 
-def _conv2d_kernel_grad_over_outputs(x, kernel_shape, padding, precision, grad_out):
+def _conv2d_kernel_grad_over_outputs(x, grad_out, *, kernel_shape, padding, precision):
   """A stride-1 kernel gradient with dy as the image and x as the kernel.
 
   `dW[r, c, i, o] = sum x[b, y, z, i] dy[b, y - r + p, z - c + p, o]`: a convolution of dy
@@ -142,6 +164,112 @@ def _unfused(fn, *operands):
   """
   opaque_predicate = jnp.isfinite(operands[0].reshape(-1)[0])
   return lax.cond(opaque_predicate, fn, fn, *operands)
+
+
+# XLA:CPU's kernel gradients lose their cache locality on large batches. At batch 256 the
+# seed's EMA training step took 292 ms with whole-batch kernel gradients and 273 with them
+# summed over blocks of 32 images (`/tmp` A/B of `train.bench`'s step, 2-core EPYC).
+_CPU_IMAGES_PER_BLOCK = 32
+
+# The matmul form of narrow 'same' convolutions pays while its shifted copy stays small: the
+# step took 31.7 against 34.5 ms at batch 32 and 66.8 against 70.4 at 64, but 1-2% longer at
+# 128 and 256.
+_CPU_MATMUL_FORM_MAX_IMAGES = 64
+
+
+def _cpu_images_per_block(batch_size: int) -> int:
+  """Images per kernel-gradient block: whole batches when they do not split into equal
+  blocks, which avoids computing on padding."""
+  if batch_size % _CPU_IMAGES_PER_BLOCK:
+    return batch_size
+  return _CPU_IMAGES_PER_BLOCK
+
+
+def _as_matmuls_on_cpu(x_shape, kernel_shape, stride: int, padding: int) -> bool:
+  """Whether XLA:CPU runs this convolution faster as matmuls over shifted copies.
+
+  These are stride-1 'same' convolutions with an odd kernel larger than 1x1 and at most 64
+  channels on one side, on at most `_CPU_MATMUL_FORM_MAX_IMAGES` images: the seed's residual
+  128 -> 32 and decoder 64 -> 128 3x3 convolutions at small batches. XLA:CPU's convolution
+  kernels reach about half their 128 -> 128 FLOP rate on them, while a matmul keeps its rate
+  and the shifted copy holds only the narrow side's channels (`_same_conv_as_matmuls`).
+  """
+  k, _, c_in, c_out = kernel_shape
+  return (stride == 1 and k > 1 and k % 2 == 1 and padding == k // 2
+          and min(c_in, c_out) <= 64 and x_shape[0] <= _CPU_MATMUL_FORM_MAX_IMAGES)
+
+
+def _shifted_taps(a: Array, k: int, direction: int) -> Array:
+  """`[B, H, W, C]` -> `[B * H * W, k * k * C]`: row `(b, i, j)` holds, for each tap `(r, c)`
+  in order, `a[b, i + direction * (r - k // 2), j + direction * (c - k // 2)]`, zero outside."""
+  b, h, w, channels = a.shape
+  p = k // 2
+  padded = jnp.pad(a, ((0, 0), (p, p), (p, p), (0, 0)))
+  taps = [padded[:, p + direction * (r - p):p + direction * (r - p) + h,
+                 p + direction * (c - p):p + direction * (c - p) + w]
+          for r in range(k) for c in range(k)]
+  return jnp.stack(taps, axis=3).reshape(b * h * w, k * k * channels)
+
+
+def _summed_shifts(per_tap: Array, k: int, direction: int) -> Array:
+  """`[B, H, W, k * k, C]` -> `[B, H, W, C]`: the sum over taps `(r, c)` of
+  `per_tap[b, i - direction * (r - k // 2), j - direction * (c - k // 2), tap]`, zero outside.
+  The adjoint of `_shifted_taps` with the same direction."""
+  _, h, w, _, _ = per_tap.shape
+  p = k // 2
+  padded = jnp.pad(per_tap, ((0, 0), (p, p), (p, p), (0, 0), (0, 0)))
+  return sum(padded[:, p - direction * (r - p):p - direction * (r - p) + h,
+                    p - direction * (c - p):p - direction * (c - p) + w, r * k + c]
+             for r in range(k) for c in range(k))
+
+
+def _same_conv_as_matmuls(x: Array, kernel: Array, precision) -> Array:
+  """A stride-1 'same' convolution as one matmul, with the taps shifted on the narrow side.
+
+  With fewer input channels, the matmul takes the shifted input taps, `[N, k*k*C_in]`, against
+  the kernel as `[k*k*C_in, C_out]`. With fewer outputs, the input meets all taps' kernels at
+  once, `[N, C_in] @ [C_in, k*k*C_out]`, and the shifted per-tap outputs are summed. Products
+  accumulate in float32 and are summed there, as in a convolution.
+  """
+  k, _, c_in, c_out = kernel.shape
+  b, h, w, _ = x.shape
+  if c_out < c_in:
+    all_taps = kernel.reshape(k * k, c_in, c_out).transpose(1, 0, 2).reshape(c_in, -1)
+    per_tap = jnp.dot(x.reshape(-1, c_in), all_taps, precision=precision,
+                      preferred_element_type=jnp.float32)
+    y = _summed_shifts(per_tap.reshape(b, h, w, k * k, c_out), k, -1)
+  else:
+    y = jnp.dot(_shifted_taps(x, k, 1), kernel.reshape(-1, c_out), precision=precision,
+                preferred_element_type=jnp.float32).reshape(b, h, w, c_out)
+  return y.astype(x.dtype)
+
+
+def _same_conv_grads_as_matmuls(x: Array, kernel: Array, precision, grad_out: Array):
+  """The input and kernel gradients of `_same_conv_as_matmuls`, as matmuls too.
+
+  With fewer outputs, the shifted output-gradient taps `[N, k*k*C_out]` serve both gradients.
+  Otherwise the kernel gradient reuses the forward's shifted input taps, and the input gradient
+  sums shifted per-tap products, as the forward does with fewer outputs.
+  """
+  k, _, c_in, c_out = kernel.shape
+  b, h, w, _ = x.shape
+  grad_rows = grad_out.reshape(-1, c_out)
+  if c_out < c_in:
+    grad_taps = _shifted_taps(grad_out, k, -1)
+    taps_by_input = kernel.reshape(k * k, c_in, c_out).transpose(0, 2, 1).reshape(-1, c_in)
+    grad_x = jnp.dot(grad_taps, taps_by_input, precision=precision,
+                     preferred_element_type=jnp.float32).reshape(x.shape)
+    grad_kernel = jnp.dot(x.reshape(-1, c_in).T, grad_taps, precision=precision,
+                          preferred_element_type=jnp.float32)
+    grad_kernel = grad_kernel.reshape(c_in, k * k, c_out).transpose(1, 0, 2)
+  else:
+    grad_kernel = jnp.dot(_shifted_taps(x, k, 1).T, grad_rows, precision=precision,
+                          preferred_element_type=jnp.float32)
+    all_taps = kernel.reshape(k * k, c_in, c_out).transpose(2, 0, 1).reshape(c_out, -1)
+    per_tap = jnp.dot(grad_rows, all_taps, precision=precision,
+                      preferred_element_type=jnp.float32)
+    grad_x = _summed_shifts(per_tap.reshape(b, h, w, k * k, c_in), k, 1)
+  return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -1,0 +1,46 @@
+"""`lax.map` over blocks of rows: how XLA:CPU gets the cache locality that whole batches lose.
+
+Used on CPU only, by `codebook` (the nearest-code search) and `layers` (kernel gradients and the
+matmul form of narrow convolutions); GPUs and TPUs compute whole batches at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def map_over_blocks(fn: Callable[..., Any], operands: Sequence[Array],
+                    rows_per_block: int) -> Any:
+  """`fn` applied to consecutive blocks of `rows_per_block` rows of every operand.
+
+  Args:
+    fn: takes one block of each operand, `[rows_per_block, ...]`, and returns a pytree.
+    operands: arrays with the same number of rows (leading axis).
+    rows_per_block: rows per block. The last block is padded with zero rows; a single block
+      (`rows_per_block >= rows`) is not padded and runs without a loop.
+
+  Returns:
+    `fn`'s outputs, each with a leading block axis: `[num_blocks, ...]`. `merge_blocks` turns
+    row-wise outputs back into rows; outputs that are sums over rows are summed over axis 0.
+  """
+  num_rows = operands[0].shape[0]
+  if rows_per_block >= num_rows:
+    return jax.tree.map(lambda y: y[None], fn(*operands))
+  num_blocks = -(-num_rows // rows_per_block)
+
+  def split(a):
+    padding = [(0, num_blocks * rows_per_block - num_rows)] + [(0, 0)] * (a.ndim - 1)
+    return jnp.pad(a, padding).reshape(num_blocks, rows_per_block, *a.shape[1:])
+
+  return lax.map(lambda blocks: fn(*blocks), tuple(split(a) for a in operands))
+
+
+def merge_blocks(blocked: Array, num_rows: int) -> Array:
+  """`[num_blocks, rows_per_block, ...]` -> `[num_rows, ...]`, dropping the padding rows."""
+  return blocked.reshape(-1, *blocked.shape[2:])[:num_rows]

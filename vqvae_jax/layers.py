@@ -34,7 +34,9 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, padding: int = 0,
   `lax.scan` or `while_loop` body they fell back to XLA's naive loop emitter: a training step in
   `scan` took 35 s instead of 0.55 s. Here the gradients are NHWC/HWIO convolutions around
   explicit transposes (what the pass does at the top level), or matmuls where those are faster;
-  they are the same sums and as fast inside loops as outside.
+  they are the same sums and as fast inside loops as outside. On XLA:CPU, narrow 'same'
+  convolutions on small batches are matmuls in the forward pass too (`_as_matmuls_on_cpu`):
+  the same sums in another order, equal to float32 rounding.
 
   Args:
     x: `[B, H, W, C_in]`.
@@ -168,11 +170,12 @@ def _unfused(fn, *operands):
 
 # XLA:CPU's kernel gradients lose their cache locality on large batches. At batch 256 the
 # seed's EMA training step took 292 ms with whole-batch kernel gradients and 273 with them
-# summed over blocks of 32 images (`/tmp` A/B of `train.bench`'s step, 2-core EPYC).
+# summed over blocks of 32 images (`train.bench`'s step, EMA float32, 10 steps per call,
+# interleaved with the other, 2-core EPYC).
 _CPU_IMAGES_PER_BLOCK = 32
 
 # The matmul form of narrow 'same' convolutions pays while its shifted copy stays small: the
-# step took 31.7 against 34.5 ms at batch 32 and 66.8 against 70.4 at 64, but 1-2% longer at
+# step took 31.7 against 34.5 ms at batch 32 and 66.8 against 70.4 at 64, but 1-4% longer at
 # 128 and 256.
 _CPU_MATMUL_FORM_MAX_IMAGES = 64
 

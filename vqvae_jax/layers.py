@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vqvae_jax.blocks import map_over_blocks
+from vqvae_jax.blocks import sum_over_blocks
 
 Array = jax.Array
 Dtype = Any
@@ -118,7 +118,7 @@ def _conv2d_kernel_grad(x, kernel_shape, stride, padding, precision, grad_out):
   else:
     kernel_grad = functools.partial(_conv2d_kernel_grad_over_batch, kernel_shape=kernel_shape,
                                     stride=stride, padding=padding, precision=precision)
-  return map_over_blocks(kernel_grad, (x, grad_out), _cpu_images_per_block(b)).sum(0)
+  return sum_over_blocks(kernel_grad, (x, grad_out), _cpu_images_per_block(b))
 
 
 def _conv2d_kernel_grad_over_batch(x, grad_out, *, kernel_shape, stride, padding, precision):
@@ -169,9 +169,10 @@ def _unfused(fn, *operands):
 
 
 # XLA:CPU's kernel gradients lose their cache locality on large batches. At batch 256 the
-# seed's EMA training step took 292 ms with whole-batch kernel gradients and 273 with them
-# summed over blocks of 32 images (`train.bench`'s step, EMA float32, 10 steps per call,
-# interleaved with the other, 2-core EPYC).
+# seed's EMA training step took 292 ms with whole-batch kernel gradients, 273 with them
+# computed over blocks of 32 images, and 264 against 277 with the blocks summed in a scan
+# carry rather than stacked and reduced (`train.bench`'s step, float32, 10 steps per call,
+# variants interleaved, 2-core EPYC).
 _CPU_IMAGES_PER_BLOCK = 32
 
 # The matmul form of narrow 'same' convolutions pays while its shifted copy stays small: the

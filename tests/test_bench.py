@@ -45,16 +45,19 @@ def test_steps_per_dispatch_reports_per_optimizer_step():
   assert measurement.steps_per_dispatch == 4 and measurement.step_ms > 0
 
 
-def test_step_flops_falls_back_to_xla_cpu(monkeypatch):
-  model = VQVAE(**TINY, decay=0.99)
+def test_step_flops_count_whole_batches_not_the_cpus_loop_bodies():
+  """On CPU, the kernel gradient of the 8 -> 16 4x4 convolution is summed over two blocks of 32
+  images at batch 64, in a loop whose body XLA's cost analysis counts once; the FLOPs are those
+  of the whole-batch form, so they double from batch 32 to 64 as the work does."""
+  model = VQVAE(**{**TINY, 'num_hiddens': 16}, decay=0.99)
   tx = optax.adam(1e-3)
-  images = np.zeros((1, 2, 8, 8, 3), np.uint8)
-  state = create_train_state(model, tx, jax.random.key(0), images[0])
   train_steps = jax.jit(make_train_step(model, tx))
-  lowered_flops = bench.step_flops(train_steps, state, images, jnp.float32(1.0))
-  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
-  fallback_flops = bench.step_flops(train_steps, state, images, jnp.float32(1.0))
-  assert fallback_flops == pytest.approx(lowered_flops, rel=0.1)  # also counts fused elementwise ops
+  flops = {}
+  for batch_size in (32, 64):
+    images = np.zeros((1, batch_size, 32, 32, 3), np.uint8)
+    state = create_train_state(model, tx, jax.random.key(0), images[0])
+    flops[batch_size] = bench.step_flops(train_steps, state, images, jnp.float32(1.0))
+  assert flops[64] == pytest.approx(2 * flops[32], rel=0.01)
 
 
 def test_large_codebook_chunked_equals_direct():

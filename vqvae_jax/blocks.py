@@ -1,7 +1,8 @@
-"""`lax.map` over blocks of rows: how XLA:CPU gets the cache locality that whole batches lose.
+"""Loops over blocks of rows: how XLA:CPU gets the cache locality that whole batches lose.
 
-Used on CPU only, by `codebook` (the nearest-code search) and `layers` (kernel gradients and the
-matmul form of narrow convolutions); GPUs and TPUs compute whole batches at once.
+Used on CPU only: `map_over_blocks` by `codebook` (the nearest-code search), `sum_over_blocks`
+by `layers` (kernel gradients, summed over blocks of images). GPUs and TPUs compute whole
+batches at once.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def sum_over_blocks(fn: Callable[..., Any], operands: Sequence[Array],
   """The sum of `fn` over consecutive blocks of `rows_per_block` rows of every operand.
 
   For an `fn` that sums over rows, such as a kernel gradient over images, this is `fn` of the
-  whole operands, with the sum taken block by block in a `lax.scan` carry (stacking the
-  blocks' results and reducing them afterwards cost XLA:CPU more than the blocks saved).
+  whole operands, with the sum taken block by block in a `lax.scan` carry: stacking the
+  blocks' results and reducing them afterwards cost XLA:CPU about 17 ms of the seed's 270 ms
+  training step at batch 256.
   Blocks are formed as in `map_over_blocks`; the zero padding rows must add nothing to `fn`.
 
   Returns:

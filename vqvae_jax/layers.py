@@ -252,8 +252,9 @@ def _same_conv_grads_as_matmuls(x: Array, kernel: Array, precision, grad_out: Ar
   """The input and kernel gradients of `_same_conv_as_matmuls`, as matmuls too.
 
   With fewer outputs, the shifted output-gradient taps `[N, k*k*C_out]` serve both gradients.
-  Otherwise the kernel gradient reuses the forward's shifted input taps, and the input gradient
-  sums shifted per-tap products, as the forward does with fewer outputs.
+  Otherwise the kernel gradient is the shifted input taps (taken again, as the forward did)
+  against dy, and the input gradient sums shifted per-tap products, as the forward does with
+  fewer outputs.
   """
   k, _, c_in, c_out = kernel.shape
   b, h, w, _ = x.shape

@@ -69,3 +69,30 @@ def test_shard_map_with_axis_name_equals_one_device(mesh):
       lambda v, x: call(reference, v, x)[1], mesh=mesh, in_specs=(P(), P('data')),
       out_specs=P('data')))(variables, x)
   assert local.shape == (8 * 32,) and float(local[:32].sum()) == 8
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU property')
+def test_cpu_blocks_keep_a_sharded_batch_on_its_devices(mesh):
+  """On CPU, kernel gradients (the 8 -> 16 4x4 convolution) and the code search run over
+  blocks of rows. The blocks are strided, so a batch sharded over 8 devices stays sharded in
+  each and no device gathers the batch; with contiguous blocks XLA gathered it 17 times and
+  the seed's step took 2.5x as long. The gradients equal those on one device."""
+  model = VQVAE(**SMALL)
+  x = jax.random.uniform(jax.random.key(0), (128, 32, 32, 3)) - 0.5
+  variables = model.init(jax.random.key(1), x)
+
+  def grads(variables, x):
+    def loss(params):
+      (recon, vq), _ = model.apply({**variables, 'params': params}, x, train=True,
+                                   mutable=['batch_stats'])
+      return jnp.mean((recon - x)**2) + vq.loss
+    return jax.grad(loss)(variables['params'])
+
+  replicated = NamedSharding(mesh, P())
+  sharded_grads = jax.jit(grads, in_shardings=(replicated, NamedSharding(mesh, P('data'))),
+                          out_shardings=replicated)
+  hlo = sharded_grads.lower(variables, x).compile().as_text()
+  assert ' while(' in hlo  # the blocks' loops
+  assert ' all-gather(' not in hlo
+  chex.assert_trees_all_close(sharded_grads(variables, x), jax.jit(grads)(variables, x),
+                              rtol=1e-4, atol=1e-5)

@@ -19,8 +19,8 @@ Two measured changes, both numerics-neutral, applied by the training programs
   Keeping freed memory in one heap lets calls reuse those pages: 0 faults per call over four
   calls at batch 256 on a quiet machine; under load about half the calls still fault them in
   (the same happens with glibc's MALLOC_* variables set before the process starts). At batch
-  32, one step per call went from 39.8 to 30.1 ms. The cost is that the process keeps its peak memory
-  until it exits. `lax.scan` over `steps_per_dispatch` steps already amortises the faults,
+  32, one step per call went from 39.8 to 30.1 ms. The cost is that the process keeps its peak
+  memory until it exits. `lax.scan` over `steps_per_dispatch` steps already amortises the faults,
   so the trainer's default (10 per call) gains less: 31.5 to 29.8 ms.
 """
 

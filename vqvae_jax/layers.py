@@ -48,15 +48,19 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, padding: int = 0,
   Returns:
     `[B, (H + 2p - k) // s + 1, (W + 2p - k) // s + 1, C_out]`.
   """
-  def convolution(x, kernel):
-    return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
-                                    dimension_numbers=_NHWC, precision=precision)
-
+  convolution = functools.partial(_xla_conv2d, stride=stride, padding=padding,
+                                  precision=precision)
   if not _as_matmuls_on_cpu(x.shape, kernel.shape, stride, padding):
     return convolution(x, kernel)
   return lax.platform_dependent(
       x, kernel, cpu=functools.partial(_same_conv_as_matmuls, precision=precision),
       default=convolution)
+
+
+def _xla_conv2d(x, kernel, *, stride, padding, precision):
+  """XLA's own convolution, what `conv2d` computes."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                  dimension_numbers=_NHWC, precision=precision)
 
 
 def _conv2d_fwd(x, kernel, stride, padding, precision):
@@ -73,9 +77,8 @@ def _conv2d_bwd(stride, padding, precision, residuals, grad_out):
             _conv2d_kernel_grad(x, kernel.shape, stride, padding, precision, grad_out))
 
   def native_grads(x, kernel, grad_out):
-    _, vjp = jax.vjp(lambda x, kernel: lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((padding, padding),) * 2, dimension_numbers=_NHWC,
-        precision=precision), x, kernel)
+    _, vjp = jax.vjp(functools.partial(_xla_conv2d, stride=stride, padding=padding,
+                                       precision=precision), x, kernel)
     return vjp(grad_out)
 
   # The rewrite is for XLA:CPU; GPU and TPU compilers pick their own gradient layouts well.

@@ -60,6 +60,21 @@ def test_step_flops_count_whole_batches_not_the_cpus_loop_bodies():
   assert flops[64] == pytest.approx(2 * flops[32], rel=0.01)
 
 
+def test_ratios_compare_the_same_dtype():
+  """A bfloat16 JAX row is divided by PyTorch's bfloat16 (autocast) figure, not its float32."""
+  measure = lambda framework, dtype, images_per_s: bench.Measurement(
+      framework, 'ema', 32, dtype, images_per_s=images_per_s)
+  rows = bench.ratios([measure('torch eager', 'float32', 100.0),
+                       measure('torch eager', 'bfloat16', 400.0),
+                       measure('torch.compile', 'bfloat16', 800.0),
+                       measure('jax', 'float32', 200.0), measure('jax', 'bfloat16', 200.0)])
+  by_dtype = {row['dtype']: row for row in rows}
+  assert by_dtype['float32']['jax_over_torch_eager'] == 2.0
+  assert by_dtype['float32']['jax_over_torch_compile'] is None
+  assert by_dtype['bfloat16']['jax_over_torch_eager'] == 0.5
+  assert by_dtype['bfloat16']['jax_over_torch_compile'] == 0.25
+
+
 def test_large_codebook_chunked_equals_direct():
   result = bench.bench_large_codebook(num_vectors=300, num_codes=64, dim=8, chunk_size=128,
                                       subset=100)

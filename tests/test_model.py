@@ -9,7 +9,7 @@ from jax import lax
 
 from vqvae_jax import VQVAE
 from vqvae_jax.convert import from_seed_state_dict, seed_architecture, to_seed_state_dict
-from vqvae_jax.layers import ConvTranspose4x4s2, ResidualStack, conv_transpose_4x4_s2
+from vqvae_jax.layers import Conv, ConvTranspose4x4s2, ResidualStack, conv_transpose_4x4_s2
 
 SMALL = dict(num_hiddens=16, num_residual_layers=2, num_residual_hiddens=8, num_embeddings=32,
              embedding_dim=8)
@@ -234,6 +234,43 @@ def test_narrow_same_conv_keeps_bfloat16_and_sums_in_float32(c_in, c_out):
   grad_x, grad_kernel = vjp(jnp.ones_like(y))
   chex.assert_type([y, grad_x, grad_kernel], jnp.bfloat16)
   np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel_size,stride,c_out', [(4, 2, 8), (3, 1, 8), (3, 1, 24)])
+def test_bfloat16_kernel_gradients_round_once(kernel_size, stride, c_out):
+  """A bfloat16 kernel gradient is its float32 sum rounded once to bfloat16, also where XLA:CPU
+  sums it over blocks of images (batch 256: 8 blocks). Operands are positive, so no sum
+  cancels and one rounding is within 2**-8 of each element; summed in bfloat16 across the
+  blocks, they were up to 1.1% off."""
+  from vqvae_jax.layers import conv2d  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0, 1, (256, 4, 4, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.uniform(0, 1, (kernel_size, kernel_size, 16, c_out)), jnp.bfloat16)
+  conv = lambda x, kernel: conv2d(x, kernel, stride, 1)
+  y, vjp = jax.vjp(conv, x, kernel)
+  cotangent = jnp.asarray(rng.uniform(1, 2, y.shape), jnp.bfloat16)
+  grad_kernel = vjp(cotangent)[1]
+  chex.assert_type(grad_kernel, jnp.bfloat16)
+  as_float32 = lambda a: a.astype(jnp.float32)
+  exact = jax.vjp(conv, as_float32(x), as_float32(kernel))[1](as_float32(cotangent))[1]
+  np.testing.assert_allclose(as_float32(grad_kernel), exact, rtol=2**-8)
+
+
+@pytest.mark.parametrize('layer', [Conv(4, 3, padding=1, dtype=jnp.bfloat16),
+                                   ConvTranspose4x4s2(4, dtype=jnp.bfloat16)])
+def test_bfloat16_layers_sum_their_bias_gradient_in_float32(layer):
+  """The bias gradient of a bfloat16 layer is the float32 sum of its bfloat16 output gradient
+  over all pixels. Summed in bfloat16, it stalled once the total's spacing outgrew the terms:
+  512 for all 4 channels of the 3x3 convolution, whose sums are about 49,000."""
+  x = images(batch=32, size=32, channels=3).astype(jnp.bfloat16)
+  params = layer.init(jax.random.key(0), x)['params']
+  y, vjp = jax.vjp(lambda params: layer.apply({'params': params}, x), params)
+  assert y.dtype == jnp.bfloat16
+  cotangent = jax.random.uniform(jax.random.key(1), y.shape, jnp.float32, 1.0, 2.0)
+  grads = vjp(cotangent.astype(jnp.bfloat16))[0]
+  chex.assert_type(grads['bias'], jnp.float32)
+  exact = np.asarray(cotangent.astype(jnp.bfloat16), np.float64).sum((0, 1, 2))
+  np.testing.assert_allclose(grads['bias'], exact, rtol=1e-5)
 
 
 def test_every_codebook_option_reaches_the_quantizer():

@@ -7,10 +7,12 @@
 For each quantizer (EMA 0.99 and plain), batch size and dtype it times the jit-compiled step of
 `train.step` (`create_train_state`, `make_train_step`, `jax.jit(..., donate_argnums=0)`) after
 compilation, and on the same device and batch the seed's PyTorch model (eager and
-`torch.compile`) when torch is installed, on the GPU when torch sees one. PyTorch always runs the
-seed as written, in float32 with its default TF32 convolutions on GPUs; the bfloat16 rows compare
-against that. It reports images/s, peak memory, XLA's FLOP count and the fraction of the device's
-peak, then times `nearest_code` with a 65,536-code codebook.
+`torch.compile`) when torch is installed, on the GPU when torch sees one, in the same dtype:
+float32 is the seed as written (with PyTorch's default TF32 convolutions on GPUs), bfloat16 is the
+seed under `torch.autocast(dtype=torch.bfloat16)`, PyTorch's mixed precision (float32 parameters
+and optimizer, bfloat16 convolutions and matmuls). Ratios compare the same dtype. It reports
+images/s, peak memory, XLA's FLOP count and the fraction of the device's peak, then times
+`nearest_code` with a 65,536-code codebook.
 
 `--steps_per_dispatch=k` also times the trainer's way of running: `k` optimizer steps in one
 `lax.scan` per jit call, which removes the per-step Python and launch overhead that bounds a model
@@ -157,7 +159,8 @@ def peak_tflops(dtype: str, cpu_peak_gflops: Optional[float] = None) -> tuple:
     lanes = 16 if 'avx512f' in flags else 8 if {'avx2', 'fma'} <= flags else 4
     per_cycle = 2 * 2 * lanes
     cores = os.cpu_count() or 1
-    # XLA:CPU has no native bfloat16 arithmetic here: its float32 peak bounds both dtypes.
+    # XLA:CPU converts the operands of bfloat16 convolutions and runs them in float32, so its
+    # float32 peak bounds both dtypes (its bfloat16 matmuls can pass it on avx512_bf16 CPUs).
     return (cores * mhz * 1e6 * per_cycle / 1e12,
             f'estimated: {cores} cores x {mhz:.0f} MHz x {per_cycle} float32 FLOP/cycle '
             f'({lanes} lanes, 2 FMA units assumed), float32 peak used for every dtype')
@@ -395,14 +398,16 @@ def _import_seed_torch(float_scatter: bool = False):
   return module
 
 
-def prepare_torch(quantizer: str, batch_size: int, compile_model: bool) -> Timed:
-  """The seed's training step, float32, eager or `torch.compile`d, warmed up: Adam on
-  `mse(recon, x) / var + vq_loss`, on the GPU when torch sees one. Skipped, with the reason, when
-  torch or the compiler fails. Where `torch.compile` fails on the seed as written, it is tried
-  once more with `FLOAT_SCATTER`, and the measurement's note says so."""
-  result = _prepare_torch(quantizer, batch_size, compile_model, float_scatter=False)
+def prepare_torch(quantizer: str, batch_size: int, compile_model: bool,
+                  dtype: str = 'float32') -> Timed:
+  """The seed's training step, eager or `torch.compile`d, warmed up: Adam on
+  `mse(recon, x) / var + vq_loss`, on the GPU when torch sees one. With `dtype='bfloat16'` the
+  forward pass and loss run under `torch.autocast(dtype=torch.bfloat16)`. Skipped, with the
+  reason, when torch or the compiler fails. Where `torch.compile` fails on the seed as written,
+  it is tried once more with `FLOAT_SCATTER`, and the measurement's note says so."""
+  result = _prepare_torch(quantizer, batch_size, compile_model, dtype, float_scatter=False)
   if compile_model and result.run is None and 'failed' in (result.measurement.skipped or ''):
-    retry = _prepare_torch(quantizer, batch_size, compile_model, float_scatter=True)
+    retry = _prepare_torch(quantizer, batch_size, compile_model, dtype, float_scatter=True)
     if retry.run is not None:
       retry.measurement.note = (f'with {FLOAT_SCATTER!r}: as written, '
                                 f'{result.measurement.skipped}')[:300]
@@ -410,10 +415,10 @@ def prepare_torch(quantizer: str, batch_size: int, compile_model: bool) -> Timed
   return result
 
 
-def _prepare_torch(quantizer: str, batch_size: int, compile_model: bool,
+def _prepare_torch(quantizer: str, batch_size: int, compile_model: bool, dtype: str,
                    float_scatter: bool) -> Timed:
   framework = 'torch.compile' if compile_model else 'torch eager'
-  result = Timed(Measurement(framework, quantizer, batch_size, 'float32'))
+  result = Timed(Measurement(framework, quantizer, batch_size, dtype))
   try:
     import torch
     import torch.nn.functional as F
@@ -436,8 +441,9 @@ def _prepare_torch(quantizer: str, batch_size: int, compile_model: bool,
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    vq_loss, recon, _ = forward(images)
-    loss = F.mse_loss(recon, images) / DATA_VARIANCE + vq_loss
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+      vq_loss, recon, _ = forward(images)
+      loss = F.mse_loss(recon, images) / DATA_VARIANCE + vq_loss
     loss.backward()
     optimizer.step()
     return loss
@@ -510,15 +516,16 @@ def bench_large_codebook(num_vectors: int, num_codes: int, dim: int, chunk_size:
 
 
 def ratios(measurements: Sequence[Measurement]) -> List[Dict[str, Any]]:
-  """One row per JAX measurement, with its ratios to PyTorch at the same quantizer and batch."""
-  torch_ips = {(m.framework, m.quantizer, m.batch_size): m.images_per_s for m in measurements
-               if m.framework != 'jax'}
+  """One row per JAX measurement, with its ratios to PyTorch at the same quantizer, batch and
+  dtype."""
+  torch_ips = {(m.framework, m.quantizer, m.batch_size, m.dtype): m.images_per_s
+               for m in measurements if m.framework != 'jax'}
   rows = []
   for m in measurements:
     if m.framework != 'jax':
       continue
-    eager = torch_ips.get(('torch eager', m.quantizer, m.batch_size))
-    compiled = torch_ips.get(('torch.compile', m.quantizer, m.batch_size))
+    eager = torch_ips.get(('torch eager', m.quantizer, m.batch_size, m.dtype))
+    compiled = torch_ips.get(('torch.compile', m.quantizer, m.batch_size, m.dtype))
     rows.append(dict(quantizer=m.quantizer, batch_size=m.batch_size, dtype=m.dtype,
                      steps_per_dispatch=m.steps_per_dispatch, jax_images_per_s=m.images_per_s,
                      torch_eager_images_per_s=eager,
@@ -546,7 +553,8 @@ def markdown(report: Dict[str, Any]) -> str:
            f"{report.get('load_average_1min_before_after')}; each number is the fastest of "
            f"several rounds, and the rounds of all frameworks alternate.", '',
            'JAX steps per dispatch: k optimizer steps in one jit call (the trainer\'s '
-           '`steps_per_dispatch`); PyTorch runs one step per call.', '',
+           '`steps_per_dispatch`); PyTorch runs one step per call, its bfloat16 under '
+           '`torch.autocast`. Ratios compare the same dtype.', '',
            '| quantizer | batch | dtype | JAX k | JAX img/s | torch eager | torch.compile | '
            'JAX/eager | JAX/compile |', '|---|---|---|---|---|---|---|---|---|']
   for row in report['ratios']:
@@ -665,7 +673,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   for quantizer in args.quantizers:
     for batch_size in args.batch_sizes:
       # PyTorch is prepared first, so that JAX's buffers do not sit under its RSS peak.
-      prepared = [prepare_torch(quantizer, batch_size, compile_model)
+      prepared = [prepare_torch(quantizer, batch_size, compile_model, dtype)
+                  for dtype in args.dtypes
                   for compile_model in ((False, True) if args.torch_compile else (False,))
                   if args.torch]
       prepared += [prepare_jax(quantizer, batch_size, dtype, steps_per_dispatch=k,

@@ -113,20 +113,23 @@ def _conv2d_kernel_grad(x, kernel_shape, stride, padding, precision, grad_out):
         lax.slice(x, (0, r, c, 0), (b, r + (h_out - 1) * stride + 1,
                                     c + (w_out - 1) * stride + 1, c_in), (1, stride, stride, 1))
         for r in range(k) for c in range(k)], axis=3)
-    return jnp.dot(taps.reshape(-1, k * k * c_in).T, grad_out.reshape(-1, c_out),
-                   precision=precision).reshape(kernel_shape)
+    grad_kernel = jnp.dot(taps.reshape(-1, k * k * c_in).T, grad_out.reshape(-1, c_out),
+                          precision=precision, preferred_element_type=jnp.float32)
+    return grad_kernel.reshape(kernel_shape).astype(x.dtype)
   if stride == 1 and c_out < c_in:
     kernel_grad = functools.partial(_conv2d_kernel_grad_over_outputs, kernel_shape=kernel_shape,
                                     padding=padding, precision=precision)
   else:
     kernel_grad = functools.partial(_conv2d_kernel_grad_over_batch, kernel_shape=kernel_shape,
                                     stride=stride, padding=padding, precision=precision)
-  return sum_over_blocks(kernel_grad, (x, grad_out), _cpu_images_per_block(b))
+  # The blocks' sums stay float32 until the last one, like the sums inside each convolution.
+  grad_kernel = sum_over_blocks(kernel_grad, (x, grad_out), _cpu_images_per_block(b))
+  return grad_kernel.astype(x.dtype)
 
 
 def _conv2d_kernel_grad_over_batch(x, grad_out, *, kernel_shape, stride, padding, precision):
-  """The kernel gradient as a convolution in which the batch plays the channels' role: x as
-  `[C_in, H, W, B]` against dy as `[h, w, B, C_out]`."""
+  """The float32 kernel gradient as a convolution in which the batch plays the channels' role:
+  x as `[C_in, H, W, B]` against dy as `[h, w, B, C_out]`."""
   k = kernel_shape[0]
   # A negative high padding drops input rows that no window reaches.
   spare = [(size + 2 * padding - k) % stride for size in x.shape[1:3]]
@@ -135,12 +138,12 @@ def _conv2d_kernel_grad_over_batch(x, grad_out, *, kernel_shape, stride, padding
   grad_kernel = lax.conv_general_dilated(
       x_t, grad_out_t, (1, 1),
       [(padding, padding - s) for s in spare], rhs_dilation=(stride, stride),
-      dimension_numbers=_NHWC, precision=precision)
+      dimension_numbers=_NHWC, precision=precision, preferred_element_type=jnp.float32)
   return grad_kernel.transpose(1, 2, 0, 3)
 
 
 def _conv2d_kernel_grad_over_outputs(x, grad_out, *, kernel_shape, padding, precision):
-  """A stride-1 kernel gradient with dy as the image and x as the kernel.
+  """A stride-1 float32 kernel gradient with dy as the image and x as the kernel.
 
   `dW[r, c, i, o] = sum x[b, y, z, i] dy[b, y - r + p, z - c + p, o]`: a convolution of dy
   `[C_out, h, w, B]`, padded by `k - 1 - p`, with x `[H, W, B, C_in]`, whose outputs come out
@@ -152,7 +155,8 @@ def _conv2d_kernel_grad_over_outputs(x, grad_out, *, kernel_shape, padding, prec
   grad_out_t, x_t = _unfused(lambda g, x: (g.transpose(3, 1, 2, 0), x.transpose(1, 2, 0, 3)),
                              grad_out, x)
   flipped = lax.conv_general_dilated(grad_out_t, x_t, (1, 1), [(k - 1 - padding,) * 2] * 2,
-                                     dimension_numbers=_NHWC, precision=precision)
+                                     dimension_numbers=_NHWC, precision=precision,
+                                     preferred_element_type=jnp.float32)
   return jnp.flip(flipped, (1, 2)).transpose(1, 2, 3, 0)
 
 
@@ -283,6 +287,16 @@ def _same_conv_grads_as_matmuls(x: Array, kernel: Array, precision, grad_out: Ar
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _add_bias(y: Array, bias: Array) -> Array:
+  """`y + bias`, added in float32 and rounded once to `y`'s dtype.
+
+  The bias's gradient is then a float32 sum over all pixels of the batch. Added in bfloat16, it
+  was a bfloat16 sum of up to 262,144 terms (batch 256, 32x32), which XLA:CPU splits into a
+  tree of `reduce-window`s for accuracy: 7% of the bfloat16 training step's time.
+  """
+  return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+
+
 def torch_uniform_init(fan_in: int):
   """PyTorch's default conv init: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` for weight and bias."""
   bound = 1.0 / np.sqrt(fan_in)
@@ -302,7 +316,7 @@ class Conv(nn.Module):
     stride: stride in both spatial dimensions.
     padding: zero padding on every side, as `nn.Conv2d(padding=...)`.
     use_bias: add a bias.
-    dtype: the computation dtype (params stay float32).
+    dtype: the computation dtype (params stay float32; the bias is added in float32).
   """
 
   features: int
@@ -321,7 +335,7 @@ class Conv(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = conv2d(x, kernel, self.stride, self.padding)
     if self.use_bias:
-      y = y + self.param('bias', init, (self.features,)).astype(self.dtype)
+      y = _add_bias(y, self.param('bias', init, (self.features,)))
     return y
 
 
@@ -416,8 +430,8 @@ class ConvTranspose4x4s2(nn.Module):
     init = torch_uniform_init(self.features * 16)
     kernel = self.param('kernel', init, (4, 4, x.shape[-1], self.features))
     bias = self.param('bias', init, (self.features,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv_transpose_4x4_s2(x, kernel) + bias
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return _add_bias(conv_transpose_4x4_s2(x, kernel), bias)
 
 
 class ResidualStack(nn.Module):

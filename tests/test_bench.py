@@ -75,6 +75,21 @@ def test_ratios_compare_the_same_dtype():
   assert by_dtype['bfloat16']['jax_over_torch_compile'] == 0.25
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU estimate')
+@pytest.mark.parametrize('flags,bfloat16_over_float32', [({'avx512f'}, 1),
+                                                         ({'avx512f', 'avx512_bf16'}, 2)])
+def test_cpu_peak_counts_bfloat16_dot_products_where_the_cpu_has_them(
+    monkeypatch, flags, bfloat16_over_float32):
+  monkeypatch.setattr(bench, '_cpu_flags', lambda: flags)
+  monkeypatch.setattr(bench, '_cpu_mhz', lambda: 1000.0)
+  float32_peak, _ = bench.peak_tflops('float32')
+  bfloat16_peak, note = bench.peak_tflops('bfloat16')
+  cores = bench.os.cpu_count()
+  assert float32_peak == pytest.approx(cores * 1e9 * 64 / 1e12)
+  assert bfloat16_peak == pytest.approx(bfloat16_over_float32 * float32_peak)
+  assert ('avx512_bf16' in note) == (bfloat16_over_float32 == 2)
+
+
 def test_large_codebook_chunked_equals_direct():
   result = bench.bench_large_codebook(num_vectors=300, num_codes=64, dim=8, chunk_size=128,
                                       subset=100)

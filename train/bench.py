@@ -159,11 +159,15 @@ def peak_tflops(dtype: str, cpu_peak_gflops: Optional[float] = None) -> tuple:
     lanes = 16 if 'avx512f' in flags else 8 if {'avx2', 'fma'} <= flags else 4
     per_cycle = 2 * 2 * lanes
     cores = os.cpu_count() or 1
-    # XLA:CPU converts the operands of bfloat16 convolutions and runs them in float32, so its
-    # float32 peak bounds both dtypes (its bfloat16 matmuls can pass it on avx512_bf16 CPUs).
-    return (cores * mhz * 1e6 * per_cycle / 1e12,
-            f'estimated: {cores} cores x {mhz:.0f} MHz x {per_cycle} float32 FLOP/cycle '
-            f'({lanes} lanes, 2 FMA units assumed), float32 peak used for every dtype')
+    note = (f'estimated: {cores} cores x {mhz:.0f} MHz x {per_cycle} float32 FLOP/cycle '
+            f'({lanes} lanes, 2 FMA units assumed)')
+    if dtype == 'bfloat16' and 'avx512_bf16' in flags:
+      # VDPBF16PS does two bfloat16 multiply-adds per float32 lane. PyTorch's oneDNN
+      # convolutions use it; XLA:CPU converts bfloat16 convolutions to float32 and uses it
+      # only in matmuls.
+      per_cycle *= 2
+      note += ', x2 for avx512_bf16 dot products'
+    return cores * mhz * 1e6 * per_cycle / 1e12, note
   for name, (fp32, bf16) in ACCELERATOR_PEAK_TFLOPS.items():
     if name in device.device_kind:
       peak = bf16 if dtype == 'bfloat16' or fp32 is None else fp32

@@ -93,3 +93,35 @@ def test_kept_memory_lets_calls_reuse_their_pages():
   assert len(faults['keep']) == len(faults['default']) == 9
   assert min(faults['default']) >= 8000, faults
   assert min(faults['keep']) <= 500, faults
+
+
+
+@pytest.mark.skipif(not cpu_tuning.use_measured_cpu_fusions({}), reason='no option for this jaxlib')
+def test_option_gives_lone_convolutions_to_xla_and_elementwise_ops_to_ynnpack():
+  """What was measured: a convolution on its own runs in XLA's kernels (faster than YNNPACK's
+  here; XLA's default makes it a YNNPACK fusion), and one followed by bias and ReLU shares a
+  YNNPACK fusion with them (the default leaves those to XLA's loop emitter)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    pytest.skip('an XLA:CPU option')
+  option = {cpu_tuning.YNN_FUSION_FLAG: ','.join(cpu_tuning.YNN_FUSION_TYPES)}
+  x, kernel, bias = jnp.ones((8, 16, 16, 64)), jnp.ones((3, 3, 64, 64)), jnp.ones((64,))
+
+  def conv(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def entry_ops(function, *args, **compile_options):
+    text = jax.jit(function).lower(*args).compile(compile_options or None).as_text()
+    entry = text[text.index('\nENTRY'):]
+    return [line.split(' = ')[1].split('(')[0].split()[-1] + ('/ynn' if '__ynn_fusion' in line
+                                                               else '')
+            for line in entry.splitlines() if ' = ' in line and 'parameter(' not in line]
+
+  assert entry_ops(conv, x, kernel) == ['fusion/ynn']
+  assert entry_ops(conv, x, kernel, **option) == ['convolution']
+  conv_bias_relu = lambda x, kernel, bias: jax.nn.relu(conv(x, kernel) + bias)
+  assert entry_ops(conv_bias_relu, x, kernel, bias) == ['fusion/ynn', 'fusion']
+  assert entry_ops(conv_bias_relu, x, kernel, bias, **option) == ['fusion/ynn']

@@ -20,16 +20,18 @@ Two measured changes, both numerics-neutral, applied by the training programs
   array is made. The option is experimental: it is set only for the jaxlib versions it was
   measured with (an unknown flag aborts XLA), and never over a user's own value.
 
-* `keep_freed_memory`: each call of a compiled step allocates XLA's temporary buffers
-  (259 MB at batch 256) and frees them on return. glibc hands allocations that large to
-  `mmap` and returns them to the OS on free, so every call page-faults all of it in again:
-  66,000 faults and about 70 ms per call at batch 256, 8 ms at batch 32 (a fifth of a step).
-  Keeping freed memory in one heap lets calls reuse those pages: 0 faults per call over four
-  calls at batch 256 on a quiet machine; under load about half the calls still fault them in
-  (the same happens with glibc's MALLOC_* variables set before the process starts). At batch
-  32, one step per call went from 39.8 to 30.1 ms. The cost is that the process keeps its peak
-  memory until it exits. `lax.scan` over `steps_per_dispatch` steps already amortises the faults,
-  so the trainer's default (10 per call) gains less: 31.5 to 29.8 ms.
+* `keep_freed_memory`: each call of a compiled step allocates XLA's temporary buffers (42 MB
+  at batch 32, 255 MB at 256) and frees them on return. glibc hands blocks over 32 MB to `mmap`
+  and returns them to the OS on free, so every call page-faults them in again. With mmap off
+  and trimming off, a block that fits a thread's malloc arena (heaps of 64 MB at most) is
+  reused instead: at batch 32, one step per call, no faults against 10,790 a call, and 812 to
+  894 images/s (processes alternated, jaxlib 0.10.2, the 2-core CPU); at 10 steps per call,
+  which amortise the faults, within noise (1,088/1,092 against 1,058/1,111). The batch-256 temporaries are larger than a thread arena
+  can hold, so glibc maps them whatever the setting (65,400 faults a call). Sharing one arena
+  among all threads (`M_ARENA_MAX` 1, set before JAX starts its backend) keeps them too, 850
+  to 1,020 images/s at one step per call, but makes XLA's threads contend for it: at 10 steps
+  per call 930 against 1,090 at batch 32 and 1,005 against 1,095 at 256, so it is not set.
+  The cost of the setting is that the process keeps its peak memory until it exits.
 """
 
 from __future__ import annotations
@@ -49,12 +51,10 @@ YNN_FUSION_TYPES = ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT', 'LIBRARY_FUSION_TYPE_E
 MEASURED_JAXLIB_VERSIONS = ('0.10.',)
 
 # glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
-# (parameter, value): no mmap for large blocks, never trim the heap, grow it 256 MB at a time,
-# and one arena: XLA frees on its worker threads, and a block freed into another thread's
-# arena is not reused by the next call's allocation.
-KEEP_FREED_MEMORY = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 28),
-                     (M_ARENA_MAX, 1))
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+# (parameter, value): no mmap for large blocks, never trim the heap, grow it 256 MB at a time.
+# Threads keep their own arenas (the module docstring says why).
+KEEP_FREED_MEMORY = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 28))
 
 
 def use_measured_cpu_fusions(environ: Optional[MutableMapping[str, str]] = None,

@@ -96,8 +96,8 @@ def test_kept_memory_lets_calls_reuse_their_pages():
   assert min(faults['keep']) <= 500, faults
 
 
-
-@pytest.mark.skipif(not cpu_tuning.use_measured_cpu_fusions({}), reason='no option for this jaxlib')
+@pytest.mark.skipif(not cpu_tuning.use_measured_cpu_fusions({}),
+                    reason='no option for this jaxlib')
 def test_option_gives_lone_convolutions_to_xla_and_elementwise_ops_to_ynnpack():
   """What was measured: a convolution on its own runs in XLA's kernels (faster than YNNPACK's
   here; XLA's default makes it a YNNPACK fusion), and one followed by bias and ReLU shares a

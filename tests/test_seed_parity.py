@@ -146,8 +146,9 @@ def test_ema_quantizer_updates_match_seed():
 
 
 def test_parity_holds_under_the_trainers_xla_cpu_option():
-  """The trainer hands XLA:CPU's elementwise ops to YNNPACK and its convolutions to XLA's own
-  kernels (train/cpu_tuning.py); the seed's numbers must hold there too. XLA reads its flags once per process, hence the subprocess."""
+  """The trainer hands XLA:CPU's elementwise ops to YNNPACK and its lone convolutions to XLA's
+  own kernels (train/cpu_tuning.py); the seed's numbers must hold there too. XLA reads its
+  flags once per process, hence the subprocess."""
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   from train import cpu_tuning  # pylint: disable=g-import-not-at-top
   env = dict(os.environ)

@@ -20,18 +20,19 @@ Two measured changes, both numerics-neutral, applied by the training programs
   array is made. The option is experimental: it is set only for the jaxlib versions it was
   measured with (an unknown flag aborts XLA), and never over a user's own value.
 
-* `keep_freed_memory`: each call of a compiled step allocates XLA's temporary buffers (42 MB
-  at batch 32, 255 MB at 256) and frees them on return. glibc hands blocks over 32 MB to `mmap`
-  and returns them to the OS on free, so every call page-faults them in again. With mmap off
-  and trimming off, a block that fits a thread's malloc arena (heaps of 64 MB at most) is
-  reused instead: at batch 32, one step per call, no faults against 10,790 a call, and 812 to
-  894 images/s (processes alternated, jaxlib 0.10.2, the 2-core CPU); at 10 steps per call,
-  which amortise the faults, within noise (1,088/1,092 against 1,058/1,111). The batch-256 temporaries are larger than a thread arena
-  can hold, so glibc maps them whatever the setting (65,400 faults a call). Sharing one arena
-  among all threads (`M_ARENA_MAX` 1, set before JAX starts its backend) keeps them too, 850
-  to 1,020 images/s at one step per call, but makes XLA's threads contend for it: at 10 steps
-  per call 930 against 1,090 at batch 32 and 1,005 against 1,095 at 256, so it is not set.
-  The cost of the setting is that the process keeps its peak memory until it exits.
+* `keep_freed_memory`: each call of a compiled step allocates XLA's temporary buffers (42 MB at
+  batch 32, 255 MB at 256) and frees them on return. glibc hands blocks over 32 MB to `mmap` and
+  returns them to the OS on free, so every call page-faults them in again. With mmap off and
+  trimming off, a block that fits a thread's malloc arena (heaps of 64 MB at most) is reused
+  instead: at batch 32, one step per call, no faults against 10,790 a call, and 812 to 894
+  images/s (processes alternated, jaxlib 0.10.2, the 2-core CPU); at 10 steps per call, which
+  amortise the faults, within noise (1,088/1,092 against 1,058/1,111). The batch-256 temporaries
+  are larger than a thread arena can hold, so glibc maps them whatever the setting (65,400
+  faults a call). Sharing one arena among all threads (`M_ARENA_MAX` 1, set before JAX starts
+  its backend) keeps them too, 850 to 1,020 images/s at one step per call, but makes XLA's
+  threads contend for it: at 10 steps per call 930 against 1,090 at batch 32 and 1,005 against
+  1,095 at 256, so it is not set. The cost of the setting is that the process keeps its peak
+  memory until it exits.
 """
 
 from __future__ import annotations

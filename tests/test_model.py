@@ -145,10 +145,14 @@ def test_grayscale_images():
     (dict(decay=1.0), r'decay must be in \[0, 1\).*got 1.0'),
     (dict(num_hiddens=0), 'num_hiddens must be a positive integer, got 0'),
     (dict(residual_skip='sum'), "residual_skip must be one of \\('relu', 'identity'\\), got 'sum'"),
+    (dict(num_embeddings=0), 'num_embeddings must be an integer >= 1, got 0'),
+    (dict(decay=0.99, epsilon=-1.0), 'epsilon must be >= 0, got -1.0'),
+    (dict(codebook_init='zeros'), "codebook_init must be one of \\('seed', 'kmeans'\\)"),
 ])
-def test_bad_model_arguments(kwargs, match):
+def test_bad_model_arguments_fail_at_construction(kwargs, match):
+  # At construction, not at the first init: the submodules' checks run on detached copies.
   with pytest.raises(ValueError, match=match):
-    VQVAE(**{**SMALL, **kwargs}).init(jax.random.key(0), images())
+    VQVAE(**{**SMALL, **kwargs})
 
 
 @pytest.mark.parametrize('decay', [0.0, 0.99])

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from conftest import XLA_FLAGS_FOR_DEVICES
 from train import data, trainer
 from train.checkpoints import load_model
+from train.errors import UserError
 from train.configs import quickstart
 from vqvae_jax import VQVAE
 
@@ -110,6 +111,18 @@ def test_tfds_mock_data_end_to_end(tmp_path):
   info = json.load(open(tmp_path / 'run.json'))
   assert info['image_shape'] == [32, 32, 3]
   assert 0.01 < info['data_variance'] < 0.2  # random uint8 pixels: ~1/12
+
+
+def test_preparing_without_tfds_preparation_packages_names_them(tmp_path, monkeypatch):
+  def prepare_without_importlib_resources(self, **kwargs):
+    raise ModuleNotFoundError("No module named 'importlib_resources'", name='importlib_resources')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      prepare_without_importlib_resources)
+  config = tiny_config(dataset='mnist', data_dir=str(tmp_path), download=True)
+  with pytest.raises(UserError, match="preparing dataset 'mnist' needs importlib_resources, "
+                     'which is not installed: pip install tensorflow-cpu importlib_resources,'):
+    data.load(config)
 
 
 def test_grayscale_tfds_dataset(tmp_path):
@@ -248,17 +261,36 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     (['--config.batch_size=-4'], 1, 'config.batch_size=-4; accepted: a positive integer'),
     (['--config.batch_size=12'], 8, 'config.batch_size=12 is not divisible by the 8 devices'),
     (['--config.model.decay=1.5'], 1, r'decay must be in [0, 1)'),
+    (['--config.model.residual_skip=foo'], 1,
+     "config.model: residual_skip must be one of ('relu', 'identity'), got 'foo'."),
+    (['--config.model.num_embeddings=0'], 1, 'num_embeddings must be an integer >= 1, got 0'),
+    (['--config.batch_size=3.5'], 1, "'3.5'; accepted: an integer."),
+    (['--config.download=maybe'], 1, "'maybe'); accepted: true or false."),
+    (['--config.num_train_steps=-1'], 1, 'config.num_train_steps=-1; accepted: an integer >= 0.'),
+    (['--config=train/configs/no_such_config.py'], 1,
+     '--config train/configs/no_such_config.py could not be loaded (FileNotFoundError'),
+    (['--config=README.md'], 1, '--config README.md could not be loaded (ImportError: not a '
+     'Python file); accepted: a Python file with a get_config()'),
+    (['stray_argument'], 1, "unexpected arguments ['stray_argument']; accepted: flags only"),
 ])
 def test_bad_input_is_one_line_and_keeps_the_workdir(tmp_path, flags, devices, message):
   (tmp_path / 'precious.txt').write_text('keep me')
   result = run_cli(str(tmp_path), *flags, devices=devices)
   assert result.returncode == 2
-  output = result.stdout + result.stderr
-  assert 'Traceback' not in output
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert result.stdout == '' and result.stderr.count('\n') == 1, result.stderr
+  assert result.stderr.startswith('error: ') and message in result.stderr, result.stderr
+  assert os.listdir(tmp_path) == ['precious.txt']
   assert (tmp_path / 'precious.txt').read_text() == 'keep me'
-  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_bad_input_creates_no_workdir_and_prints_no_backend_log(tmp_path):
+  # With every platform allowed, JAX logs the backends it could not start; not on an error line.
+  result = run_cli(str(tmp_path / 'run'), '--config.dataset=no_such_dataset',
+                   env={'JAX_PLATFORMS': ''})
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: unknown dataset 'no_such_dataset'"), result.stderr
+  assert result.stderr.count('\n') == 1, result.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def test_unwritable_workdir(tmp_path):

@@ -5,6 +5,7 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
 import importlib.util
+import re
 import sys
 
 from absl import app, flags, logging
@@ -33,29 +34,38 @@ def _fail(message: str):
 
 
 def _config_file(argv):
+  """The `--config` file's path; absl takes the last of repeated flags, and so does this."""
+  path = None
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
 
 
-def _load_config(path):
+def _load_config(path: str):
+  """The config file's `get_config()`, loaded as ml_collections loads it (which would fail with
+  a traceback); a file that cannot be loaded is a user error."""
+  file_path = path.split(':', 1)[0]  # ml_collections passes what follows a ':' to get_config
   try:
-    spec = importlib.util.spec_from_file_location('config', path)
+    spec = importlib.util.spec_from_file_location('config', file_path)
+    if spec is None:
+      raise ImportError('not a Python file')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-  except Exception:  # pylint: disable=broad-except
-    return None  # the message then names the key without listing the accepted ones
+  except Exception as e:  # pylint: disable=broad-except  # the user's file, whatever it raises
+    _fail(f'--config {file_path} could not be loaded ({type(e).__name__}: {e}); accepted: a '
+          f'Python file with a get_config() that returns a ConfigDict, such as '
+          f'train/configs/quickstart.py.')
 
 
 def _unknown_key_message(argv) -> str:
   """Names the `--config.*` override that points at a key the config lacks, and the keys it has."""
   config = _load_config(_config_file(argv))
   for arg in argv:
-    if arg.startswith('--config.') and config is not None:
+    if arg.startswith('--config.'):
       path = arg[len('--config.'):].split('=', 1)[0]
       node = config
       for depth, part in enumerate(path.split('.')):
@@ -70,17 +80,36 @@ def _unknown_key_message(argv) -> str:
 
 def _parse_flags(argv):
   """absl's flag parsing, with every user error as one line and exit status 2."""
+  if _config_file(argv):
+    _load_config(_config_file(argv))  # a file ml_collections cannot load fails here, in one line
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e))
+    _fail(f'{e}{_accepted_type(argv, str(e))}')
   except (AttributeError, KeyError):  # ml_collections: --config.<unknown key>=...
     _fail(_unknown_key_message(argv))
 
 
+_ACCEPTED_TYPES = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def _accepted_type(argv, message: str) -> str:
+  """'; accepted: <type>.' for a `--config.<key>=<value>` whose value has the wrong type."""
+  match = re.match(r'flag --config\.([\w.]+)=', message)
+  if not match:
+    return ''
+  value = _load_config(_config_file(argv))
+  for part in match.group(1).split('.'):
+    value = value[part]
+  accepted = _ACCEPTED_TYPES.get(type(value))
+  return f'; accepted: {accepted}.' if accepted else ''
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _fail(f'unexpected arguments {argv[1:]}; accepted: flags only, such as --config=FILE '
+          f'--workdir=DIR --config.batch_size=64 (see --help).')
+  logging.set_verbosity(logging.WARNING)  # before JAX logs which backends it tried
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value or _MULTIHOST.value:
     if _COORDINATOR.value:
@@ -88,7 +117,6 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cpu_tuning.apply()  # before JAX starts its backend
   from train import trainer  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:

@@ -17,6 +17,9 @@ import numpy as np
 
 from train.errors import UserError
 
+# What tfds needs to prepare (download and encode) a dataset, and training does not: TensorFlow,
+# and importlib_resources, which tfds 4.9 imports for it without declaring it.
+PREPARE_PACKAGES = 'tensorflow-cpu importlib_resources'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 ACCEPTED = ("a tfds image dataset name (e.g. 'cifar10', 'mnist'), 'quickstart', 'npz:PATH' or "
             "'folder:PATH'")
@@ -204,9 +207,9 @@ def _tfds(config, split: str) -> np.ndarray:
     try:
       builder.download_and_prepare(file_format='array_record')
     except ModuleNotFoundError as e:
-      raise UserError(f'preparing dataset {config.dataset!r} needs {e.name} (tfds encodes the '
-                      f'images with it): pip install tensorflow, run once to prepare, then '
-                      f'training reads it without TensorFlow.') from None
+      raise UserError(f'preparing dataset {config.dataset!r} needs {e.name}, which is not '
+                      f'installed: pip install {PREPARE_PACKAGES}, run once to prepare, then '
+                      f'training reads it without them.') from None
     except OSError as e:
       raise UserError(f'could not download dataset {config.dataset!r}: {e}') from None
   try:

@@ -26,13 +26,19 @@ from train.step import (TrainState, abstract_train_state, create_train_state, ma
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the values a config file or a `--config.key=value` override may get wrong."""
-  positive = ('batch_size', 'eval_batch_size', 'steps_per_dispatch', 'keep_checkpoints')
-  non_negative = ('num_train_steps', 'log_every_steps', 'eval_every_steps',
-                  'checkpoint_every_steps', 'num_reconstructions', 'image_size')
-  for key in positive + non_negative:
+  positive = (1, 'a positive integer')
+  integers = {  # key: (the lowest accepted value, what is accepted)
+      'batch_size': positive, 'eval_batch_size': positive, 'steps_per_dispatch': positive,
+      'keep_checkpoints': positive,
+      'num_train_steps': (0, 'an integer >= 0'), 'num_reconstructions': (0, 'an integer >= 0'),
+      'log_every_steps': (0, 'an integer >= 0 (0 turns it off)'),
+      'eval_every_steps': (0, 'an integer >= 0 (0 turns it off)'),
+      'checkpoint_every_steps': (0, 'an integer >= 0 (0 turns it off)'),
+      'image_size': (0, "an integer >= 0 (0 keeps the dataset's size)"),
+  }
+  for key, (lowest, accepted) in integers.items():
     value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < (key in positive):
-      accepted = 'a positive integer' if key in positive else 'an integer >= 0 (0 turns it off)'
+    if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
       raise UserError(f'config.{key}={value!r}; accepted: {accepted}.')
   if not config.learning_rate > 0:
     raise UserError(f'config.learning_rate={config.learning_rate!r}; accepted: a number > 0.')
@@ -118,9 +124,9 @@ def _due(step: int, every: int, last_step: int) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
   validate(config)
-  prepare_workdir(workdir)
   data = data_lib.load(config)
   model = model_from_config(config.model, data.image_shape[-1])
+  prepare_workdir(workdir)  # after every check of the config, so that an error writes nothing
   variance = write_run_info(workdir, config, data.variance, data.image_shape)
   tx = make_optimizer(config)
 

@@ -132,6 +132,11 @@ class VQVAE(CodebookOptions):
     if not 0.0 <= self.decay < 1.0:
       raise ValueError(f'decay must be in [0, 1) (0 selects the plain quantizer), got '
                        f'{self.decay!r}.')
+    # The quantizer and the residual stacks check their own fields when they are built, at the
+    # first init or apply; detached copies built here report a bad value at construction.
+    _quantizer(self, parent=None)
+    ResidualStack(self.num_hiddens, self.num_residual_layers, self.num_residual_hiddens,
+                  self.residual_skip, parent=None)
     super().__post_init__()
 
   def setup(self):
@@ -140,15 +145,7 @@ class VQVAE(CodebookOptions):
                   residual_skip=self.residual_skip, dtype=self.dtype)
     self.encoder = Encoder(**common)
     self.pre_vq_conv = Conv(self.embedding_dim, 1, dtype=self.dtype)
-    quantizer = dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
-                     commitment_cost=self.commitment_cost, axis_name=self.axis_name,
-                     distance_chunk_size=self.distance_chunk_size,
-                     **{name: getattr(self, name) for name in CODEBOOK_OPTIONS})
-    if self.decay > 0:
-      self.vq = VectorQuantizerEMA(decay=self.decay, epsilon=self.epsilon,
-                                   zero_debias=self.zero_debias, **quantizer)
-    else:
-      self.vq = VectorQuantizer(**quantizer)
+    self.vq = _quantizer(self)
     self.decoder = Decoder(out_channels=self.image_channels, **common)
 
   def _check_images(self, images: Array) -> None:
@@ -186,3 +183,15 @@ class VQVAE(CodebookOptions):
   def decode(self, codes: Array) -> Array:
     """Int code grid `[B, h, w]` -> float32 images `[B, 4h, 4w, image_channels]`."""
     return self.decoder(self.vq.embed(codes).astype(self.dtype)).astype(jnp.float32)
+
+
+def _quantizer(model: VQVAE, **module_kwargs) -> nn.Module:
+  """The quantizer of `model`: `VectorQuantizerEMA` when `decay > 0`, else `VectorQuantizer`."""
+  fields = dict(num_embeddings=model.num_embeddings, embedding_dim=model.embedding_dim,
+                commitment_cost=model.commitment_cost, axis_name=model.axis_name,
+                distance_chunk_size=model.distance_chunk_size,
+                **{name: getattr(model, name) for name in CODEBOOK_OPTIONS}, **module_kwargs)
+  if model.decay > 0:
+    return VectorQuantizerEMA(decay=model.decay, epsilon=model.epsilon,
+                              zero_debias=model.zero_debias, **fields)
+  return VectorQuantizer(**fields)

@@ -548,8 +548,9 @@ def markdown(report: Dict[str, Any]) -> str:
   lines = [f"Device: {device['platform']} / {device['device_kind']} / {device['cpu_model']} "
            f"({device['cpu_count']} CPUs), jax {device['jax_version']}, torch "
            f"{device.get('torch_version', '-')} on {device.get('torch_device', 'the CPU')}.",
-           f"CPU settings (train/cpu_tuning.py; keep_freed_memory applies to both "
-           f"frameworks): {device.get('cpu_tuning')}; XLA_FLAGS: "
+           f"CPU settings (train/cpu_tuning.py; keep_freed_memory's glibc setting applies to "
+           f"both frameworks, its synchronous dispatch to JAX): {device.get('cpu_tuning')}; "
+           f"XLA_FLAGS: "
            f"`{device.get('xla_flags') or '(none)'}`.",
            f"Peak FLOP/s: {report['peak_note']}.", f"Memory: {report['memory_source']}"
            f"{'; PyTorch: ' + device['torch_memory'] if 'torch_memory' in device else ''}.",
@@ -630,8 +631,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--xla_cpu_fusions', action=argparse.BooleanOptionalAction, default=True,
                       help="JAX: the trainer's XLA:CPU fusion option (train/cpu_tuning.py)")
   parser.add_argument('--keep_freed_memory', action=argparse.BooleanOptionalAction,
-                      default=False, help="the trainer's glibc setting (train/cpu_tuning.py); it "
-                      'applies to the whole process, so to PyTorch as well')
+                      default=False, help="the trainer's glibc setting and synchronous CPU "
+                      'dispatch (train/cpu_tuning.py); the glibc setting applies to the whole '
+                      'process, so to PyTorch as well')
   parser.add_argument('--cpu_peak_gflops', type=float, default=None,
                       help='the CPU peak to report utilisation against (default: estimated)')
   parser.add_argument('--out', type=str, default=None, help='write the report as JSON here')

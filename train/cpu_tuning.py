@@ -26,13 +26,20 @@ Two measured changes, both numerics-neutral, applied by the training programs
   trimming off, a block that fits a thread's malloc arena (heaps of 64 MB at most) is reused
   instead: at batch 32, one step per call, no faults against 10,790 a call, and 812 to 894
   images/s (processes alternated, jaxlib 0.10.2, the 2-core CPU); at 10 steps per call, which
-  amortise the faults, within noise (1,088/1,092 against 1,058/1,111). The batch-256 temporaries
-  are larger than a thread arena can hold, so glibc maps them whatever the setting (65,400
-  faults a call). Sharing one arena among all threads (`M_ARENA_MAX` 1, set before JAX starts
-  its backend) keeps them too, 850 to 1,020 images/s at one step per call, but makes XLA's
-  threads contend for it: at 10 steps per call 930 against 1,090 at batch 32 and 1,005 against
-  1,095 at 256, so it is not set. The cost of the setting is that the process keeps its peak
-  memory until it exits.
+  amortise the faults, within noise (1,088/1,092 against 1,058/1,111).
+  The batch-256 temporaries are larger than a thread arena can hold, and glibc maps those
+  afresh whatever the setting. So `apply` also turns off JAX's asynchronous CPU dispatch: a
+  computation then runs on the calling thread, whose main arena grows without that limit, and
+  its temporaries are reused too (65,400 faults a call before, about 40 after). EMA float32,
+  processes alternated, setting on, images/s without and with synchronous dispatch:
+  - batch 256: 906-920 against 1,060-1,159 at one step per call; 1,051-1,107 against
+    1,118-1,126 at 10;
+  - batch 32: 1,116-1,128 against 1,076-1,080 at one step per call (-4%: Python no longer
+    prepares a call while the previous one runs); 872-1,122 against 1,086-1,132 at 10.
+  The trainer runs 10 steps per call. Sharing one arena among all threads (`M_ARENA_MAX` 1)
+  keeps the large temporaries as well, but XLA's threads contend for it: at 10 steps per call
+  930 against 1,090 images/s at batch 32 and 1,005 against 1,095 at 256. The cost of the
+  setting is that the process keeps its peak memory until it exits.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ YNN_FUSION_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 YNN_FUSION_TYPES = ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT', 'LIBRARY_FUSION_TYPE_ELTWISE',
                     'LIBRARY_FUSION_TYPE_REDUCE')
 MEASURED_JAXLIB_VERSIONS = ('0.10.',)
+ASYNC_CPU_DISPATCH = 'jax_cpu_enable_async_dispatch'
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
@@ -91,10 +99,15 @@ def apply(cpu_fusions: bool = True, keep_memory: bool = True) -> dict:
   took effect.
 
   Call it before anything starts JAX's backend (`jax.distributed.initialize` may come first).
-  Freed memory is kept only when the backend is the CPU.
+  Freed memory is kept only when the backend is the CPU; with it, JAX's CPU client runs
+  computations on the calling thread (see the module docstring).
   """
   applied = dict(xla_cpu_fusions=cpu_fusions and use_measured_cpu_fusions())
   import jax  # pylint: disable=g-import-not-at-top
+  if keep_memory:
+    # Read when the CPU client is made, so before `default_backend` makes it. Computations
+    # over several devices are dispatched asynchronously whatever its value.
+    jax.config.update(ASYNC_CPU_DISPATCH, False)
   applied['keep_freed_memory'] = (keep_memory and jax.default_backend() == 'cpu' and
                                   keep_freed_memory())
   return applied

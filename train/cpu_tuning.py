@@ -34,8 +34,9 @@ Two measured changes, both numerics-neutral, applied by the training programs
   processes alternated, setting on, images/s without and with synchronous dispatch:
   - batch 256: 906-920 against 1,060-1,159 at one step per call; 1,051-1,107 against
     1,118-1,126 at 10;
-  - batch 32: 1,116-1,128 against 1,076-1,080 at one step per call (-4%: Python no longer
-    prepares a call while the previous one runs); 872-1,122 against 1,086-1,132 at 10.
+  - batch 32: 1,116-1,128 against 1,076-1,080 at one step per call (-4%, presumably because
+    Python no longer prepares a call while the previous one runs); 872-1,122 against
+    1,086-1,132 at 10.
   The trainer runs 10 steps per call. Sharing one arena among all threads (`M_ARENA_MAX` 1)
   keeps the large temporaries as well, but XLA's threads contend for it: at 10 steps per call
   930 against 1,090 images/s at batch 32 and 1,005 against 1,095 at 256. The cost of the

@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vqvae_jax import (RECOMMENDED, VQVAE, VectorQuantizer, VectorQuantizerEMA,
                        merge_codebook_offset, usage_metrics)
 from vqvae_jax.codebook import (batch_usage_entropy_loss, kmeans, kmeans_plus_plus,
-                                nearest_in_distances, sample_global_rows, squared_distances,
-                                update_usage)
+                                nearest_code, nearest_in_distances, sample_global_rows,
+                                squared_distances, update_usage)
 from vqvae_jax.convert import to_seed_state_dict
 
 K, D = 16, 4
@@ -243,6 +243,44 @@ def test_kmeans_init_fits_the_first_batch(cls):
   if cls is VectorQuantizer:
     _, later = train_call(kmeans_init, centred, x + 50.0, key=1)
     np.testing.assert_array_equal(later['codebook_offset'], stats['codebook_offset'])
+
+
+@pytest.mark.parametrize('cls,kwargs', [(VectorQuantizer, {}),
+                                        (VectorQuantizerEMA, dict(zero_debias=False)),
+                                        (VectorQuantizerEMA, dict(zero_debias=True))])
+def test_kmeans_codes_with_empty_clusters_stay_on_the_data(cls, kwargs):
+  # 5 distinct vectors for 16 codes: 11 clusters catch nothing. Their EMA sums are zero, and
+  # the EMA update used to turn those codes into 0 / epsilon = 0.
+  distinct = 3 * jax.random.normal(jax.random.key(1), (5, D))
+  x = jnp.tile(distinct, (40, 1))
+  quantizer = cls(K, D, codebook_init='kmeans', **kwargs)
+  variables = quantizer.init(jax.random.key(0), x)
+  for step in range(3):  # the first call initialises; the later ones are plain updates
+    out, stats = train_call(quantizer, variables, x, key=step)
+    variables = {**variables, 'batch_stats': stats}
+    codebook = codebook_of(quantizer, variables)
+    to_data = jnp.min(jnp.linalg.norm(codebook[:, None] - distinct[None], axis=-1), axis=1)
+    # Live codes of the seed's EMA sit a little off their vectors (its Laplace smoothing);
+    # a zeroed code would be about 3 away.
+    np.testing.assert_allclose(to_data, 0.0, atol=1e-2)
+    assert int(jnp.sum(out.code_counts > 0)) == 5
+
+
+@pytest.mark.parametrize('cls', QUANTIZERS)
+def test_training_on_no_vectors_or_integers_is_a_clear_error(cls):
+  quantizer = cls(K, D, codebook_init='kmeans')
+  variables = quantizer.init(jax.random.key(0), jnp.zeros((2, D)))
+  with pytest.raises(ValueError, match=r'train=True needs at least one input vector, got '
+                     r'inputs of shape \(3, 0, 4\)'):
+    train_call(quantizer, variables, jnp.zeros((3, 0, D)))
+  quantizer.apply(variables, jnp.zeros((0, D)))  # evaluation of nothing is allowed
+  with pytest.raises(TypeError, match='expects floating-point inputs, got int32'):
+    quantizer.apply(variables, jnp.zeros((2, D), jnp.int32))
+
+
+def test_nearest_code_rejects_a_chunk_size_below_one():
+  with pytest.raises(ValueError, match='chunk_size must be None or an integer >= 1, got 0'):
+    nearest_code(jnp.zeros((4, D)), jnp.zeros((K, D)), chunk_size=0)
 
 
 def test_kmeans_lloyd_iterations_improve_on_kmeans_plus_plus():

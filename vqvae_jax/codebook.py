@@ -91,6 +91,9 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
   Returns:
     int32 `[N]`.
   """
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f'chunk_size must be None or an integer >= 1, got {chunk_size!r}.')
+
   def search(rows):
     return nearest_in_distances(squared_distances(rows, codebook))
 

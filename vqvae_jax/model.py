@@ -24,7 +24,9 @@ Dtype = Any
 #     per batch: at the seed's batch 32 of 8x8 latents a code's fair share is 2048/512 = 4.
 #     Higher thresholds churn live codes when a batch has few vectors per code (measured in
 #     tests/test_codebook.py: 1.0 kept 41 of 64 codes where 0.1 to 0.3 kept 61).
-# Needs `rngs={'codebook': key}` on training calls (train/step.py passes it).
+# Needs `rngs={'codebook': key}` on training calls (train/step.py passes it). A bare
+# `VectorQuantizerEMA` takes it as it is; `VectorQuantizer` takes all but `decay` and
+# `zero_debias`, which are EMA settings.
 RECOMMENDED = dict(decay=0.99, zero_debias=True, codebook_init='kmeans', kmeans_iters=10,
                    dead_code_threshold=0.25, usage_decay=0.99)
 

@@ -13,7 +13,8 @@ Codebook options (all off by default, which is exactly the seed):
     zero-debiased EMA of its per-batch count, `batch_stats['code_usage']`) is below the
     threshold is replaced by an encoder output sampled from the current global batch.
   * `track_usage=True`: keep `code_usage` without restarting anything (implied by a threshold).
-  * `cosine_codes=True`: inputs and codes are l2-normalised, so the lookup is by cosine.
+  * `cosine_codes=True`: inputs and codes are l2-normalised, so the lookup is by cosine (and
+    `quantized` is a unit vector).
   * `codebook_dim=C`: the lookup happens in `C` dimensions, between Dense projections
     `D -> C` (`project_in`) and `C -> D` (`project_out`).
   * `entropy_weight > 0`: adds `entropy_weight * (log K - H(batch soft usage))` to `loss`.
@@ -72,12 +73,17 @@ class QuantizerOutput:
 
   Attributes:
     quantized: `[..., D]`, the inputs' dtype. The nearest codes, with the straight-through
-      estimator applied: the forward value is the code, the gradient flows to the inputs
-      unchanged (`inputs + stop_gradient(codes - inputs)`). With `codebook_dim`, this is
-      `project_out` of the straight-through code.
+      estimator applied to the latents the lookup quantizes: the forward value is the code,
+      the gradient flows to the latents unchanged (`latents + stop_gradient(codes -
+      latents)`). Without `codebook_dim` or `cosine_codes` the latents are the inputs.
+      With `codebook_dim` this is `project_out` of the straight-through code. With
+      `cosine_codes` the latents are the l2-normalised inputs: the codes are unit vectors,
+      and the gradient passes through the normalisation.
     loss: float32 scalar. `q_latent + commitment_cost * e_latent` for `VectorQuantizer`,
       `commitment_cost * e_latent` for `VectorQuantizerEMA`; plus the entropy penalty when
-      `entropy_weight > 0`.
+      `entropy_weight > 0`. Inside `shard_map` the squared-error terms are means over this
+      device's inputs (the entropy term is global): `lax.pmean` the loss over `axis_name`
+      for the global one.
     perplexity: float32 scalar, `exp(entropy)` of the batch's code distribution.
     indices: int32 `[...]`, the index of the nearest code for each input vector.
     code_counts: float32 `[K]`, how many input vectors chose each code in this batch (summed
@@ -178,6 +184,9 @@ def _flatten(module: Any, inputs: Array) -> Array:
   if inputs.ndim < 1 or inputs.shape[-1] != module.embedding_dim:
     raise ValueError(f'{type(module).__name__} expects inputs of shape [..., {module.embedding_dim}]'
                      f' (embedding_dim), got shape {tuple(inputs.shape)}.')
+  if not jnp.issubdtype(inputs.dtype, jnp.floating):
+    raise TypeError(f'{type(module).__name__} expects floating-point inputs, got '
+                    f'{inputs.dtype}.')
   return inputs.reshape(-1, module.embedding_dim).astype(jnp.float32)
 
 
@@ -281,6 +290,10 @@ def _quantize(module: Any, inputs: Array, train: bool) -> QuantizerOutput:
   updating = train and module.has_training_state and not module.is_initializing()
   if updating:
     _check_training_call(module)
+    if not flat_inputs.shape[0]:
+      # Counts, EMA sums and k-means points of nothing: NaN statistics or out-of-range samples.
+      raise ValueError(f'{type(module).__name__} with train=True needs at least one input '
+                       f'vector, got inputs of shape {tuple(inputs.shape)}.')
     if _writes_codes(module):
       kmeans_key, restart_key = jax.random.split(module.make_rng('codebook'))
     # What is written into the state (centres, restarted codes, EMA sums) carries no gradient.
@@ -596,7 +609,15 @@ class VectorQuantizerEMA(CodebookOptions):
     if not self.zero_debias:
       self.ema_cluster_size.value = smoothed
       self.ema_w.value = ema_w
-    self.embedding.value = ema_w / smoothed[:, None]
+    averaged = ema_w / smoothed[:, None]
+    if self.codebook_init == 'kmeans':
+      # A k-means centre whose cluster caught no vector has no sums to average (its `ema_w`
+      # is zero, and so is every later one until a vector picks it): it keeps its centre
+      # instead of becoming 0 / epsilon. With the seed's init this never applies: its `ema_w`
+      # starts random, and the seed divides it however small the cluster.
+      averaged = jnp.where(jnp.any(ema_w != 0, axis=1, keepdims=True), averaged,
+                           self.embedding.value)
+    self.embedding.value = averaged
 
   def _write_codes(self, mask: Array, new_codes: Array, sizes: Array, step: Array) -> None:
     """Sets code `k` to `new_codes[k]` with cluster size `sizes[k]` where `mask[k]`."""

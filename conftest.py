@@ -5,6 +5,13 @@
 * XLA:CPU aborts the process when the 8 device threads of a collective do not all arrive
   within its timeout; on an oversubscribed 2-core machine they can be slow (seen: eval steps
   aborting under load), so the tests give them minutes instead of seconds.
+* Eigen ops single-threaded (`--xla_cpu_multi_thread_eigen=false`). With 8 devices sharing
+  XLA:CPU's 8-thread Eigen pool, a device's program continues on the pool thread that ran its
+  Eigen convolution and then waits there in an all-reduce for the other devices. Once seven
+  did that, the eighth device's program never started, and the test run hung with no CPU use
+  (gdb: seven `tf_XLAEigen` threads in `InProcessCommunicator::AllReduce`, the eighth launch
+  in `Semaphore::Acquire`; seen once, in the second of this stop's CI runs). Single-threaded Eigen ops run
+  on the device's own thread.
 * VQVAE_NOTEBOOK_SMOKE=1: colab/vqvae_tpu.ipynb trains a tiny model for a few steps on the
   bundled photos instead of CIFAR-10 (the kernel inherits this environment).
 """
@@ -13,7 +20,8 @@ import os
 
 XLA_FLAGS_FOR_DEVICES = ('--xla_force_host_platform_device_count={} '
                          '--xla_cpu_collective_call_terminate_timeout_seconds=900 '
-                         '--xla_cpu_collective_timeout_seconds=900')
+                         '--xla_cpu_collective_timeout_seconds=900 '
+                         '--xla_cpu_multi_thread_eigen=false')
 os.environ.setdefault('XLA_FLAGS', XLA_FLAGS_FOR_DEVICES.format(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('VQVAE_NOTEBOOK_SMOKE', '1')

@@ -10,8 +10,8 @@
   Eigen convolution and then waits there in an all-reduce for the other devices. Once seven
   did that, the eighth device's program never started, and the test run hung with no CPU use
   (gdb: seven `tf_XLAEigen` threads in `InProcessCommunicator::AllReduce`, the eighth launch
-  in `Semaphore::Acquire`; seen once, in the second of this stop's CI runs). Single-threaded Eigen ops run
-  on the device's own thread.
+  in `Semaphore::Acquire`; seen once, in the second of this stop's CI runs). Single-threaded
+  Eigen ops run on the device's own thread.
 * VQVAE_NOTEBOOK_SMOKE=1: colab/vqvae_tpu.ipynb trains a tiny model for a few steps on the
   bundled photos instead of CIFAR-10 (the kernel inherits this environment).
 """

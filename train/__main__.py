@@ -61,9 +61,8 @@ def _load_config(path: str):
           f'train/configs/quickstart.py.')
 
 
-def _unknown_key_message(argv) -> str:
+def _unknown_key_message(argv, config) -> str:
   """Names the `--config.*` override that points at a key the config lacks, and the keys it has."""
-  config = _load_config(_config_file(argv))
   for arg in argv:
     if arg.startswith('--config.'):
       path = arg[len('--config.'):].split('=', 1)[0]
@@ -80,25 +79,26 @@ def _unknown_key_message(argv) -> str:
 
 def _parse_flags(argv):
   """absl's flag parsing, with every user error as one line and exit status 2."""
-  if _config_file(argv):
-    _load_config(_config_file(argv))  # a file ml_collections cannot load fails here, in one line
+  path = _config_file(argv)
+  # A file ml_collections cannot load fails here, in one line; the config names what is accepted.
+  config = _load_config(path) if path else None
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{e}{_accepted_type(argv, str(e))}')
+    _fail(f'{e}{_accepted_type(config, str(e))}')
   except (AttributeError, KeyError):  # ml_collections: --config.<unknown key>=...
-    _fail(_unknown_key_message(argv))
+    _fail(_unknown_key_message(argv, config))
 
 
 _ACCEPTED_TYPES = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
 
 
-def _accepted_type(argv, message: str) -> str:
+def _accepted_type(config, message: str) -> str:
   """'; accepted: <type>.' for a `--config.<key>=<value>` whose value has the wrong type."""
   match = re.match(r'flag --config\.([\w.]+)=', message)
-  if not match:
+  if not match or config is None:
     return ''
-  value = _load_config(_config_file(argv))
+  value = config
   for part in match.group(1).split('.'):
     value = value[part]
   accepted = _ACCEPTED_TYPES.get(type(value))

@@ -290,3 +290,46 @@ def test_every_codebook_option_reaches_the_quantizer():
     model = VQVAE(**SMALL, decay=decay, **options)
     vq = model.bind(model.init(jax.random.key(0), images(), train=False)).vq
     assert {name: getattr(vq, name) for name in CODEBOOK_OPTIONS} == options
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.99])
+def test_converted_variables_share_no_memory_with_the_state_dict(decay):
+  """A torch state_dict's `.numpy()` values are views that torch's optimizer updates in place;
+  the converted variables must not move with them. (The converter once returned views.)"""
+  model = VQVAE(**SMALL, decay=decay)
+  arch = {**SMALL, 'ema': decay > 0}
+  state_dict = {key: np.array(value) for key, value in
+                to_seed_state_dict(model.init(jax.random.key(0), images()), arch).items()}
+  variables = from_seed_state_dict(state_dict, model)
+  before = jax.tree.map(np.copy, variables)
+  for value in state_dict.values():
+    value += 1.0  # in place, as an optimizer step changes a torch tensor's numpy view
+  chex.assert_trees_all_equal(variables, before)
+  for key, value in state_dict.items():
+    for leaf in jax.tree.leaves(variables):
+      assert not np.shares_memory(np.asarray(leaf), value), key
+
+
+def test_converted_variables_do_not_follow_a_torch_training_step():
+  """With torch: convert a seed `Model`, train it one Adam step, and the Flax variables stay."""
+  torch = pytest.importorskip('torch')
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'golden'))
+  import seed_torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  torch_model = seed_torch.Model(**SMALL, commitment_cost=0.25, decay=0.99)
+  variables = from_seed_state_dict(
+      {key: value.numpy() for key, value in torch_model.state_dict().items()})
+  before = jax.tree.map(np.copy, variables)
+  optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-2)
+  torch_model.train()
+  loss, recon, _ = torch_model(torch.rand(4, 3, 16, 16) - 0.5)[:3]
+  (loss + recon.square().mean()).backward()
+  optimizer.step()
+  moved = from_seed_state_dict(
+      {key: value.numpy() for key, value in torch_model.state_dict().items()})
+  assert not np.allclose(moved['params']['pre_vq_conv']['kernel'],
+                         before['params']['pre_vq_conv']['kernel'])  # the step did train
+  assert not np.allclose(moved['batch_stats']['vq']['ema_w'], before['batch_stats']['vq']['ema_w'])
+  chex.assert_trees_all_equal(variables, before)

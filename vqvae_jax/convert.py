@@ -103,6 +103,17 @@ def _to_numpy(value: Any) -> np.ndarray:
   return np.asarray(value, dtype=np.float32)
 
 
+def _private_copy(value: np.ndarray, transpose: Optional[Tuple[int, ...]]) -> np.ndarray:
+  """A C-contiguous float32 copy of `value` (transposed if asked) that shares no memory with it.
+
+  A state_dict's values are usually views of the torch model's parameters (`v.numpy()`, or a
+  CPU tensor's `.numpy()` above), which torch's optimizer updates in place: an uncopied result
+  would keep changing after conversion.
+  """
+  return np.array(value.transpose(transpose) if transpose else value, dtype=np.float32,
+                  order='C', copy=True)
+
+
 def from_seed_state_dict(state_dict: Mapping[str, Any], model: Any = None) -> Dict[str, Any]:
   """Flax variables for `VQVAE` from the state_dict of the seed's PyTorch `Model`.
 
@@ -112,7 +123,9 @@ def from_seed_state_dict(state_dict: Mapping[str, Any], model: Any = None) -> Di
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` (no `batch_stats` for the plain quantizer), float32
-    numpy arrays in NHWC/HWIO layout, ready for `VQVAE(...).apply`.
+    numpy arrays in NHWC/HWIO layout, ready for `VQVAE(...).apply`. They are copies that share
+    no memory with `state_dict`'s values: training the torch model afterwards (which updates
+    its tensors, and their `.numpy()` views, in place) leaves them unchanged.
 
   Raises:
     ValueError: naming the key that is missing, unexpected or of the wrong shape, or the model
@@ -141,7 +154,7 @@ def from_seed_state_dict(state_dict: Mapping[str, Any], model: Any = None) -> Di
     node = variables
     for part in path[:-1]:
       node = node.setdefault(part, {})
-    node[path[-1]] = value.transpose(transpose) if transpose else value
+    node[path[-1]] = _private_copy(value, transpose)
   return variables
 
 

@@ -333,3 +333,32 @@ def test_converted_variables_do_not_follow_a_torch_training_step():
                          before['params']['pre_vq_conv']['kernel'])  # the step did train
   assert not np.allclose(moved['batch_stats']['vq']['ema_w'], before['batch_stats']['vq']['ema_w'])
   chex.assert_trees_all_equal(variables, before)
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.99])
+def test_decode_of_out_of_range_codes(decay):
+  """`decode` of a code outside [0, K): a ValueError naming it when the codes are concrete; NaN
+  pixels under jit (the code is not clamped to a valid one); in-range grids decode as before,
+  i.e. as the decoder of the codebook rows."""
+  model = VQVAE(**SMALL, decay=decay)
+  variables = model.init(jax.random.key(0), images())
+  decode = lambda codes: model.apply(variables, codes, method=VQVAE.decode)
+  k = SMALL['num_embeddings']
+  codes = np.random.default_rng(0).integers(0, k, (2, 4, 4)).astype(np.int32)
+  with pytest.raises(ValueError, match=rf'got code {k + 568} .*codes must be in \[0, {k}\)'):
+    decode(np.where(codes == codes[0, 1, 2], k + 568, codes))
+  with pytest.raises(ValueError, match=rf'got code -1 .*codes must be in \[0, {k}\)'):
+    decode(np.where(codes == codes[1, 0, 0], -1, codes))
+  with pytest.raises(TypeError, match='codes must be integers'):
+    decode(codes.astype(np.float32))
+  valid = decode(codes)
+  chex.assert_shape(valid, (2, 16, 16, 3))
+  bound = model.bind(variables)
+  by_hand = model.apply(variables, bound.vq.codebook[codes], method=lambda m, z: m.decoder(z))
+  np.testing.assert_allclose(valid, by_hand, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(decode)(codes), valid, rtol=1e-6, atol=1e-6)
+  bad = codes.copy()
+  bad[0, 1, 2] = k
+  got = jax.jit(decode)(bad)
+  assert np.isnan(got[0, 4:8, 8:12]).all()  # the pixels of the bad code
+  np.testing.assert_allclose(got[1], valid[1], rtol=1e-6, atol=1e-6)  # the other image

@@ -227,3 +227,31 @@ def test_bad_arguments_name_the_value(make, match):
 def test_wrong_last_dimension_names_the_shape(quantizer):
   with pytest.raises(ValueError, match=r'\[\.\.\., 4\].*got shape \(2, 3, 5\)'):
     quantizer.init(jax.random.key(0), jnp.zeros((2, 3, 5)))
+
+
+@pytest.mark.parametrize('quantizer', [VectorQuantizer(K, D), VectorQuantizerEMA(K, D),
+                                       VectorQuantizer(K, D, codebook_dim=3, cosine_codes=True)])
+def test_embed_out_of_range_codes(quantizer):
+  """Concrete codes outside [0, K): a ValueError naming the code and the range. Traced ones:
+  NaN rows exactly there (a clamp, or take's wrap of -1 to K - 1, would give a valid code);
+  the in-range rows are the codebook's, eager or jitted."""
+  variables = quantizer.init(jax.random.key(1), inputs())
+  embed = lambda indices: quantizer.apply(variables, indices, method=type(quantizer).embed)
+  name = type(quantizer).__name__
+  for bad in (K, 600, -1):
+    with pytest.raises(ValueError, match=rf'{name}.embed: got code {bad} \(1 of 3 codes are '
+                                         rf'out of range\); codes must be in \[0, {K}\)'):
+      embed(np.array([0, bad, 3]))
+  with pytest.raises(TypeError, match=rf'codes must be integers in \[0, {K}\), got dtype float32'):
+    embed(jnp.array([0.0, 1.0]))
+  indices = jnp.array([[0, K, 3], [-1, K - 1, 600]], jnp.int32)
+  got = jax.jit(embed)(indices)
+  chex.assert_shape(got, (2, 3, D))
+  chex.assert_type(got, jnp.float32)
+  out_of_range = np.array([[False, True, False], [True, False, True]])
+  assert np.isnan(got[out_of_range]).all()
+  valid = np.array([0, 3, K - 1])
+  expected = embed(valid)
+  assert np.isfinite(expected).all()
+  np.testing.assert_array_equal(got[~out_of_range], expected)
+  np.testing.assert_array_equal(jax.jit(embed)(valid), expected)

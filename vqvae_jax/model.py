@@ -183,7 +183,22 @@ class VQVAE(CodebookOptions):
     return self.vq(self.latents(images), train=False).indices
 
   def decode(self, codes: Array) -> Array:
-    """Int code grid `[B, h, w]` -> float32 images `[B, 4h, 4w, image_channels]`."""
+    """Images from a code grid.
+
+    Args:
+      codes: integer `[B, h, w]`, each in `[0, num_embeddings)`.
+
+    Returns:
+      float32 `[B, 4h, 4w, image_channels]`.
+
+    Raises:
+      TypeError: `codes` are not integers.
+      ValueError: concrete `codes` (not traced) hold a value outside `[0, num_embeddings)`;
+        the message names it. Under `jit` the values are not checked (that would need a device
+        sync): an out-of-range code, negative ones included, is looked up as a NaN vector and
+        the pixels it reaches decode to NaN, never to a valid image (see `embed` of the
+        quantizers).
+    """
     return self.decoder(self.vq.embed(codes).astype(self.dtype)).astype(jnp.float32)
 
 

@@ -49,6 +49,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct, traverse_util
 from jax import lax
 
@@ -461,8 +462,23 @@ class VectorQuantizer(CodebookOptions):
     self.codebook_offset.value = jnp.where(mask[:, None], offset, self.codebook_offset.value)
 
   def embed(self, indices: Array) -> Array:
-    """Codes for integer `indices` of any shape `[...]`: float32 `[..., D]`."""
-    return _from_code_space(self, jnp.take(self.codebook, indices, axis=0))
+    """The codes at `indices`.
+
+    Args:
+      indices: integer `[...]`, each in `[0, K)`.
+
+    Returns:
+      float32 `[..., D]`: row `indices[...]` of `codebook` (through `project_out` when
+      `codebook_dim` is set).
+
+    Raises:
+      TypeError: `indices` are not integers.
+      ValueError: concrete `indices` (not traced) hold a value outside `[0, K)`; the message
+        names it. Traced `indices` (under `jit`, `vmap`, `scan`) cannot be checked without a
+        device sync: there an out-of-range index, negative ones included, gives a row of NaN,
+        never a valid code.
+    """
+    return _from_code_space(self, _codes_at(self, indices))
 
   @property
   def codebook(self) -> Array:
@@ -628,8 +644,23 @@ class VectorQuantizerEMA(CodebookOptions):
     self.ema_w.value = jnp.where(rows, new_codes * stored_sizes[:, None], self.ema_w.value)
 
   def embed(self, indices: Array) -> Array:
-    """Codes for integer `indices` of any shape `[...]`: float32 `[..., D]`."""
-    return _from_code_space(self, jnp.take(self.codebook, indices, axis=0))
+    """The codes at `indices`.
+
+    Args:
+      indices: integer `[...]`, each in `[0, K)`.
+
+    Returns:
+      float32 `[..., D]`: row `indices[...]` of `codebook` (through `project_out` when
+      `codebook_dim` is set).
+
+    Raises:
+      TypeError: `indices` are not integers.
+      ValueError: concrete `indices` (not traced) hold a value outside `[0, K)`; the message
+        names it. Traced `indices` (under `jit`, `vmap`, `scan`) cannot be checked without a
+        device sync: there an out-of-range index, negative ones included, gives a row of NaN,
+        never a valid code.
+    """
+    return _from_code_space(self, _codes_at(self, indices))
 
   @property
   def codebook(self) -> Array:
@@ -658,3 +689,36 @@ def merge_codebook_offset(variables: Mapping[str, Any],
   flat[embedding_key] = flat[embedding_key] + flat[offset_key]
   flat[offset_key] = jnp.zeros_like(flat[offset_key])
   return traverse_util.unflatten_dict(flat)
+
+
+def _codes_at(module: Any, indices: Array) -> Array:
+  """`module.codebook[indices]`, `[..., C]`, checked as `embed` documents."""
+  indices = jnp.asarray(indices) if not hasattr(indices, 'dtype') else indices
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise TypeError(f'{type(module).__name__}.embed: codes must be integers in [0, '
+                    f'{module.num_embeddings}), got dtype {indices.dtype}.')
+  num_codes = module.num_embeddings
+  concrete = _concrete_value(indices)
+  if concrete is not None and concrete.size:
+    out_of_range = (concrete < 0) | (concrete >= num_codes)
+    if out_of_range.any():
+      bad = concrete[out_of_range]
+      raise ValueError(f'{type(module).__name__}.embed: got code {int(bad[0])} ({bad.size} of '
+                       f'{concrete.size} codes are out of range); codes must be in [0, '
+                       f'{num_codes}) (num_embeddings={num_codes}).')
+  # `take` wraps negative indices (Python style); send them past the end so they fill too.
+  indices = jnp.where(indices < 0, num_codes, indices)
+  return jnp.take(module.codebook, indices, axis=0, mode='fill', fill_value=jnp.nan)
+
+
+def _concrete_value(array: Any) -> Optional[np.ndarray]:
+  """`array` as numpy if its values are known here, None for a tracer (or an array spread over
+  other processes), whose values would need a device sync or are not known at all."""
+  if isinstance(array, np.ndarray):
+    return array
+  try:  # a tracer raises on both
+    if not getattr(array, 'is_fully_addressable', True):
+      return None
+    return np.asarray(array)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None

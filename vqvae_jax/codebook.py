@@ -17,13 +17,14 @@ Everything that decides a code or counts one is float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqvae_jax.blocks import map_over_blocks
+from vqvae_jax import xla_cpu
 
 Array = jax.Array
 
@@ -47,33 +48,15 @@ def squared_distances(flat_inputs: Array, codebook: Array) -> Array:
           2 * jnp.matmul(x, e.T, precision=_HIGHEST))
 
 
-# Rows per block of XLA:CPU's nearest-code search. Its two row reductions over a `[2048, 512]`
-# block take 0.4 ms; over `[16384, 512]` at once, 25 ms (8,192 rows: 3x slower than 4,096).
-_CPU_ROWS_PER_BLOCK = 2048
-
-
 def nearest_in_distances(distances: Array) -> Array:
   """int32 `[N]`: each row's nearest code in `[N, K]` distances, as `argmin` picks it.
 
   The first index wins ties, and a row with a NaN gets its first NaN, as with `jnp.argmin`.
+  XLA:CPU gets the same indices in a form it runs faster (`xla_cpu.argmin_rows`).
   """
   return lax.platform_dependent(
-      distances, cpu=lambda d: map_over_blocks(_first_minimum, (d,), _CPU_ROWS_PER_BLOCK),
+      distances, cpu=xla_cpu.argmin_rows,
       default=lambda d: jnp.argmin(d, axis=1).astype(jnp.int32))
-
-
-def _first_minimum(distances: Array) -> Array:
-  """`argmin` over the last axis as a `min` and then a `min` of indices.
-
-  XLA:CPU runs `argmin`'s (value, index) reduction one element at a time: 18 ms for
-  `[16384, 512]`, against 4 ms for these two vectorised reductions in blocks of 2,048 rows
-  (`_CPU_ROWS_PER_BLOCK`), about 4% of the seed's training step at batch 256.
-  """
-  num_codes = distances.shape[-1]
-  lowest = jnp.min(distances, axis=-1, keepdims=True)  # NaN if the row has one
-  is_first_choice = (distances == lowest) | jnp.isnan(distances)
-  return jnp.min(jnp.where(is_first_choice, jnp.arange(num_codes, dtype=jnp.int32), num_codes),
-                 axis=-1)
 
 
 def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] = None) -> Array:
@@ -82,11 +65,12 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
   Args:
     flat_inputs: `[N, D]`.
     codebook: `[K, D]`.
-    chunk_size: if set and smaller than `N`, rows are processed `chunk_size` at a time with
-      `lax.map`, so at most `[chunk_size, K]` distances exist at once. This is what lets
+    chunk_size: if set and smaller than `N`, rows are processed `chunk_size` at a time in a
+      loop (`xla_cpu.map_over_blocks` on every backend: its strided blocks keep a sharded batch
+      on its devices), so at most `[chunk_size, K]` distances exist at once. This is what lets
       K = 65,536 codes search a million vectors. The indices are the same as without chunks:
       each row's arithmetic is unchanged. Unset, XLA:CPU still works in blocks of 2,048 rows
-      (faster there, see `_first_minimum`); other backends search all rows at once.
+      (faster there, see `xla_cpu.search_in_blocks`); other backends search all rows at once.
 
   Returns:
     int32 `[N]`.
@@ -98,10 +82,9 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
     return nearest_in_distances(squared_distances(rows, codebook))
 
   if chunk_size is not None:
-    return map_over_blocks(search, (flat_inputs,), chunk_size)
-  # On CPU the distances too are computed a block at a time: 7 against 18 ms at [16384, 512].
+    return xla_cpu.map_over_blocks(search, (flat_inputs,), chunk_size)
   return lax.platform_dependent(
-      flat_inputs, cpu=lambda x: map_over_blocks(search, (x,), _CPU_ROWS_PER_BLOCK), default=search)
+      flat_inputs, cpu=functools.partial(xla_cpu.search_in_blocks, search), default=search)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from train import bench
+from train.bench import device, jax_side, measure, report, torch_side
+from train.bench.__main__ import parse_args
 from train.step import create_train_state, make_train_step
 from vqvae_jax import VQVAE
 
@@ -19,28 +20,28 @@ TINY = dict(num_hiddens=8, num_residual_layers=1, num_residual_hiddens=4, num_em
 
 @pytest.mark.parametrize('quantizer,dtype', [('ema', 'float32'), ('plain', 'bfloat16')])
 def test_jax_measurement_and_report(quantizer, dtype):
-  measurement = bench.bench_jax(quantizer, batch_size=2, dtype=dtype, steps=1,
-                                model_config=TINY, image_size=8)
+  measurement = jax_side.bench_jax(quantizer, batch_size=2, dtype=dtype, steps=1,
+                                   model_config=TINY, image_size=8)
   assert measurement.images_per_s > 0 and measurement.flops_per_step > 0
   assert measurement.peak_memory_mb > 0
-  report = dict(device=bench.device_description(), peak_note='test', memory_source='test',
-                measurements=[vars(measurement)], ratios=bench.ratios([measurement]),
-                large_codebook=None)
-  assert report['ratios'][0]['jax_over_torch_eager'] is None  # no torch measured
-  assert f'| {quantizer} | 2 | {dtype} |' in bench.markdown(report)
+  results = dict(device=device.device_description(), peak_note='test', memory_source='test',
+                 measurements=[vars(measurement)], ratios=report.ratios([measurement]),
+                 large_codebook=None)
+  assert results['ratios'][0]['jax_over_torch_eager'] is None  # no torch measured
+  assert f'| {quantizer} | 2 | {dtype} |' in report.markdown(results)
 
 
 def test_steps_per_dispatch_reports_per_optimizer_step():
-  one = bench.prepare_jax('ema', batch_size=2, dtype='float32', model_config=TINY, image_size=8)
-  four = bench.prepare_jax('ema', batch_size=2, dtype='float32', model_config=TINY,
-                           image_size=8, steps_per_dispatch=4)
+  one = jax_side.prepare_jax('ema', batch_size=2, dtype='float32', model_config=TINY, image_size=8)
+  four = jax_side.prepare_jax('ema', batch_size=2, dtype='float32', model_config=TINY,
+                              image_size=8, steps_per_dispatch=4)
   # A scan body counts once in XLA's cost analysis; the FLOPs must still be one step's.
   assert four.measurement.flops_per_step == pytest.approx(one.measurement.flops_per_step,
                                                            rel=0.02)
   calls = []
   run_four_steps = four.run
   four.run = lambda: calls.append(1) or run_four_steps()
-  measurement = bench.time_interleaved([four], steps=8, rounds=1)[0]
+  measurement = measure.time_interleaved([four], steps=8, rounds=1)[0]
   assert len(calls) == 2  # 8 optimizer steps, four per call
   assert measurement.steps_per_dispatch == 4 and measurement.step_ms > 0
 
@@ -56,18 +57,18 @@ def test_step_flops_count_whole_batches_not_the_cpus_loop_bodies():
   for batch_size in (32, 64):
     images = np.zeros((1, batch_size, 32, 32, 3), np.uint8)
     state = create_train_state(model, tx, jax.random.key(0), images[0])
-    flops[batch_size] = bench.step_flops(train_steps, state, images, jnp.float32(1.0))
+    flops[batch_size] = jax_side.step_flops(train_steps, state, images, jnp.float32(1.0))
   assert flops[64] == pytest.approx(2 * flops[32], rel=0.01)
 
 
 def test_ratios_compare_the_same_dtype():
   """A bfloat16 JAX row is divided by PyTorch's bfloat16 (autocast) figure, not its float32."""
-  measure = lambda framework, dtype, images_per_s: bench.Measurement(
+  measured = lambda framework, dtype, images_per_s: measure.Measurement(
       framework, 'ema', 32, dtype, images_per_s=images_per_s)
-  rows = bench.ratios([measure('torch eager', 'float32', 100.0),
-                       measure('torch eager', 'bfloat16', 400.0),
-                       measure('torch.compile', 'bfloat16', 800.0),
-                       measure('jax', 'float32', 200.0), measure('jax', 'bfloat16', 200.0)])
+  rows = report.ratios([measured('torch eager', 'float32', 100.0),
+                        measured('torch eager', 'bfloat16', 400.0),
+                        measured('torch.compile', 'bfloat16', 800.0),
+                        measured('jax', 'float32', 200.0), measured('jax', 'bfloat16', 200.0)])
   by_dtype = {row['dtype']: row for row in rows}
   assert by_dtype['float32']['jax_over_torch_eager'] == 2.0
   assert by_dtype['float32']['jax_over_torch_compile'] is None
@@ -80,30 +81,30 @@ def test_ratios_compare_the_same_dtype():
                                                          ({'avx512f', 'avx512_bf16'}, 2)])
 def test_cpu_peak_counts_bfloat16_dot_products_where_the_cpu_has_them(
     monkeypatch, flags, bfloat16_over_float32):
-  monkeypatch.setattr(bench, '_cpu_flags', lambda: flags)
-  monkeypatch.setattr(bench, '_cpu_mhz', lambda: 1000.0)
-  float32_peak, _ = bench.peak_tflops('float32')
-  bfloat16_peak, note = bench.peak_tflops('bfloat16')
-  cores = bench.os.cpu_count()
+  monkeypatch.setattr(device, '_cpu_flags', lambda: flags)
+  monkeypatch.setattr(device, '_cpu_mhz', lambda: 1000.0)
+  float32_peak, _ = device.peak_tflops('float32')
+  bfloat16_peak, note = device.peak_tflops('bfloat16')
+  cores = device.os.cpu_count()
   assert float32_peak == pytest.approx(cores * 1e9 * 64 / 1e12)
   assert bfloat16_peak == pytest.approx(bfloat16_over_float32 * float32_peak)
   assert ('avx512_bf16' in note) == (bfloat16_over_float32 == 2)
 
 
 def test_large_codebook_chunked_equals_direct():
-  result = bench.bench_large_codebook(num_vectors=300, num_codes=64, dim=8, chunk_size=128,
-                                      subset=100)
+  result = jax_side.bench_large_codebook(num_vectors=300, num_codes=64, dim=8, chunk_size=128,
+                                         subset=100)
   assert result['indices_equal_on_subset'] == 100
   assert result['distance_matrix_mb_direct_full_theoretical'] == 300 * 64 * 4 / 2**20
 
 
 def test_flags_pick_a_subset():
-  args = bench.parse_args(['--batch_sizes=256', '--dtypes=float32', '--quantizers=ema',
-                           '--steps=5', '--no-torch'])
+  args = parse_args(['--batch_sizes=256', '--dtypes=float32', '--quantizers=ema', '--steps=5',
+                     '--no-torch'])
   assert (args.batch_sizes, args.dtypes, args.quantizers, args.steps, args.torch) == (
       [256], ['float32'], ['ema'], 5, False)
   with pytest.raises(SystemExit):
-    bench.parse_args(['--quantizers=fsq'])
+    parse_args(['--quantizers=fsq'])
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,8 +145,8 @@ def test_kernel_gradient_transposes_are_not_fused_with_their_producers():
 
 def test_torch_compile_retry_patches_exactly_the_seeds_scatters():
   """The fallback for Inductor's int64 one-hot changes the seed's two `scatter_` calls only."""
-  source = bench.SEED_TORCH.read_text(encoding='utf-8')
-  assert source.count(bench.SEED_SCATTER) == 2
-  patched = source.replace(bench.SEED_SCATTER, bench.FLOAT_SCATTER)
+  source = torch_side.SEED_TORCH.read_text(encoding='utf-8')
+  assert source.count(torch_side.SEED_SCATTER) == 2
+  patched = source.replace(torch_side.SEED_SCATTER, torch_side.FLOAT_SCATTER)
   changed = [(a, b) for a, b in zip(source.splitlines(), patched.splitlines()) if a != b]
   assert len(changed) == 2 and all(b == a.replace(', 1)', ', 1.0)') for a, b in changed)

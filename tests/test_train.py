@@ -299,3 +299,89 @@ def test_unwritable_workdir(tmp_path):
   result = run_cli(str(not_a_dir / 'run'))
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert f"workdir '{not_a_dir / 'run'}' is not writable" in result.stderr
+
+
+def _png(path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    return np.asarray(image.convert('RGB'))
+
+
+def _non_white_rows(pixels):
+  return np.flatnonzero((pixels < 200).any(axis=(1, 2)))
+
+
+def test_image_grid_labels_its_rows_under_a_title(tmp_path):
+  """Each image appears once, upscaled; the title and the row labels take their own bands of
+  drawn (dark) pixels above the images; a longer title wraps onto more lines."""
+  from train.evaluate import write_image_grid  # pylint: disable=g-import-not-at-top
+  red = np.zeros((3, 8, 8, 3), np.uint8)
+  red[..., 0] = 255
+  green = np.zeros((2, 8, 8, 3), np.uint8)
+  green[..., 1] = 255
+  path = str(tmp_path / 'grid.png')
+  size = write_image_grid(path, [red, green], ['held-out originals', 'reconstructions'],
+                          'Title, step 7', scale=4)
+  pixels = _png(path)
+  assert pixels.shape[:2] == (size[1], size[0])
+  is_color = lambda color: np.all(pixels == color, axis=-1)
+  assert is_color((255, 0, 0)).sum() == 3 * 32 * 32  # every image once, at scale 4
+  assert is_color((0, 255, 0)).sum() == 2 * 32 * 32
+  red_rows = np.flatnonzero(is_color((255, 0, 0)).any(axis=1))
+  green_rows = np.flatnonzero(is_color((0, 255, 0)).any(axis=1))
+  assert len(red_rows) == len(green_rows) == 32 and red_rows[-1] < green_rows[0]
+  text_rows = [row for row in _non_white_rows(pixels) if not is_color((255, 0, 0))[row].any()
+               and not is_color((0, 255, 0))[row].any()]
+  above_red = [row for row in text_rows if row < red_rows[0]]
+  between = [row for row in text_rows if red_rows[-1] < row < green_rows[0]]
+  assert above_red and between  # the title and first label; the second label
+  assert np.ptp(above_red) > 2 * np.ptp(between)  # a title and a label, not one line
+  unlabelled = write_image_grid(str(tmp_path / 'bare.png'), [red, green], ['', ''],
+                                'Title, step 7', scale=4)
+  assert unlabelled[0] == size[0] and size[1] - unlabelled[1] >= 2 * 12  # two label strips
+  long_title = ' '.join(['a long title'] * 30)
+  wrapped = write_image_grid(str(tmp_path / 'long.png'), [red, green], ['a', 'b'], long_title)
+  assert wrapped[0] == size[0] and wrapped[1] >= size[1] + 3 * 12  # more title lines
+
+
+def test_image_grid_rejects_bad_rows_with_one_clear_line(tmp_path):
+  from train.evaluate import write_image_grid  # pylint: disable=g-import-not-at-top
+  images = np.zeros((2, 8, 8, 3), np.uint8)
+  path = str(tmp_path / 'grid.png')
+  with pytest.raises(ValueError, match='got 2 rows but 1 row_labels; give one label per row'):
+    write_image_grid(path, [images, images], ['only one'], 'title')
+  with pytest.raises(ValueError, match=r'row 1 is float32 of shape \(2, 8, 8, 3\); expected '
+                                       r'uint8 \[n, H, W, C\]'):
+    write_image_grid(path, [images, images.astype(np.float32)], ['a', 'b'], 'title')
+  with pytest.raises(ValueError, match=r'row 1 holds images of shape \(4, 4, 3\), row 0 of '
+                                       r'\(8, 8, 3\)'):
+    write_image_grid(path, [images, images[:, :4, :4]], ['a', 'b'], 'title')
+  with pytest.raises(ValueError, match='got no rows'):
+    write_image_grid(path, [], [], 'title')
+  with pytest.raises(ValueError, match='scale must be an integer >= 1, got 0'):
+    write_image_grid(path, [images], ['a'], 'title', scale=0)
+  assert not os.path.exists(path)
+
+
+def test_trainer_pngs_say_what_they_show(tmp_path):
+  """The reconstruction grid is the labelled two-row grid; the usage chart has a title band,
+  axes, and one bar per code: blue for used codes, red for dead ones, in proportion."""
+  from train import evaluate  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  originals = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  path = str(tmp_path / 'reconstructions.png')
+  size = evaluate.write_reconstruction_grid(path, originals, originals // 2, step=12)
+  pixels = _png(path)
+  assert pixels.shape[:2] == (size[1], size[0])
+  assert size[0] >= 4 * 128 and size[1] >= 2 * 128 + 40  # two rows of 4 images, plus text
+  counts = np.array([5, 0, 3, 9, 0, 1, 2, 7, 0, 4, 4, 1, 0, 0, 6, 2], np.float32)
+  path = str(tmp_path / 'code_usage.png')
+  evaluate.write_usage_histogram(path, counts, step=12)
+  pixels = _png(path)
+  columns = lambda color: np.all(pixels == color, axis=-1).any(axis=0).sum()
+  used_columns, dead_columns = columns((40, 90, 200)), columns((220, 40, 40))
+  assert used_columns > 0 and dead_columns > 0
+  assert used_columns * 5 == dead_columns * 11  # 11 codes used, 5 dead, equal widths
+  bars = np.flatnonzero(np.all(pixels == (40, 90, 200), axis=-1).any(axis=1))
+  assert len(_non_white_rows(pixels[:bars[0]])) > 20  # title, subtitle, axis label above
+  assert len(_non_white_rows(pixels[bars[-1] + 2:])) > 10  # tick labels, axis label below

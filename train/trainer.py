@@ -212,7 +212,8 @@ def _evaluate(evaluator, state: TrainState, data, variance: float, config, workd
   if jax.process_index() == 0:
     if reconstructions is not None:
       evaluate_lib.write_reconstruction_grid(os.path.join(workdir, 'reconstructions.png'),
-                                             originals, reconstructions)
-    evaluate_lib.write_usage_histogram(os.path.join(workdir, 'code_usage.png'), code_counts)
+                                             originals, reconstructions, step=step)
+    evaluate_lib.write_usage_histogram(os.path.join(workdir, 'code_usage.png'), code_counts,
+                                       step=step)
     print(f'step {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()), flush=True)
   return metrics

@@ -184,3 +184,24 @@ def test_nnx_bridge_training_equals_linen(case):
   for key, value in traverse_util.flatten_dict(linen_init.get('params', {})).items():
     assert moved(value, traverse_util.flatten_dict(nnx_final['params'])[key]), key
   assert nnx_results[0][0] != nnx_results[1][0]
+
+
+def test_linen_variables_load_with_one_nnx_update():
+  """The README's way to start an NNX model from Linen variables (trained, or converted from
+  the seed): `nnx.update(model, nnx.bridge.variables.linen_vars_to_nnx_attrs(variables))`."""
+  module = VQVAE(**SMALL, decay=0.99)
+  images = jax.random.uniform(jax.random.key(10), (2, 16, 16, 3)) - 0.5
+  variables = module.init(jax.random.key(1), images)
+  model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(model, images)
+  assert not np.allclose(model.vq['embedding'].get_value(),
+                         variables['batch_stats']['vq']['embedding'])  # other random init
+  nnx.update(model, nnx.bridge.variables.linen_vars_to_nnx_attrs(variables))
+  chex.assert_trees_all_equal(linen_variables(model, ['decoder', 'encoder', 'pre_vq_conv', 'vq']),
+                              jax.tree.map(np.asarray, dict(variables)))
+  assert isinstance(model.vq['ema_w'], nnx.BatchStat)
+  recon, vq = model(images)
+  expected_recon, expected_vq = module.apply(variables, images)
+  np.testing.assert_array_equal(recon, expected_recon)
+  np.testing.assert_array_equal(vq.indices, expected_vq.indices)
+  np.testing.assert_array_equal(model.encode(images), expected_vq.indices)

@@ -7,10 +7,11 @@ that still fails to restore is skipped in favour of the one before it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from train.errors import UserError
-from train.step import abstract_train_state, make_optimizer, model_from_config
+from train.step import create_train_state, make_optimizer, model_from_config
 from vqvae_jax import VQVAE
 
 RUN_FILE = 'run.json'
@@ -84,34 +85,46 @@ class Checkpoints:
     self.manager.close()
 
 
-def write_run_info(workdir: str, config: ml_collections.ConfigDict, variance: float,
-                   image_shape: Tuple[int, ...]) -> float:
+def write_run_info(workdir: str, config: ml_collections.ConfigDict, facts: Dict[str, Any],
+                   identity_keys: Tuple[str, ...] = IDENTITY_KEYS,
+                   kept: Tuple[str, ...] = ()) -> Dict[str, Any]:
   """Stores the config and the data facts with the run; refuses an incompatible resume.
 
+  Args:
+    workdir: the run's directory.
+    config: the run's config; on resume, its `identity_keys` must equal the stored ones.
+    facts: JSON-able facts about the data (e.g. the image shape). On resume each must equal
+      the stored one, except those named in `kept`, which keep their stored values.
+    identity_keys: the config keys that define the model and the data it learns.
+    kept: facts a resumed run takes from the stored run, e.g. the data variance it trained with.
+
   Returns:
-    The data variance the run trains with: the stored one when resuming.
+    The facts the run trains with: the stored ones when resuming.
   """
   path = os.path.join(workdir, RUN_FILE)
-  info = {'config': config.to_dict(), 'data_variance': variance, 'image_shape': list(image_shape)}
+  info = {'config': config.to_dict(), **facts}
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
-    for key in IDENTITY_KEYS:
+    for key in identity_keys:
       for name, (old, new) in _differences(key, stored['config'].get(key),
                                            info['config'].get(key)).items():
         raise UserError(f'workdir {workdir} holds a run with config.{name}={old!r}, but this run '
                         f'has config.{name}={new!r}; use another --workdir, or the same config '
                         f'to resume.')
-    if stored['image_shape'] != info['image_shape']:
-      raise UserError(f'workdir {workdir} holds a run on images of shape {stored["image_shape"]},'
-                      f' but the data now has shape {info["image_shape"]}.')
-    info['data_variance'] = stored['data_variance']  # the variance the run was trained with
+    for key in facts:
+      if key in kept:
+        info[key] = stored[key]
+      elif stored.get(key) != info[key]:
+        raise UserError(f'workdir {workdir} holds a run whose data had {key} '
+                        f'{stored.get(key)!r}, but the data now has {info[key]!r}; use another '
+                        f'--workdir.')
   if jax.process_index() == 0:
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
       json.dump(info, f, indent=2)
     os.replace(tmp, path)
-  return info['data_variance']
+  return {key: info[key] for key in facts}
 
 
 def read_run_info(workdir: str) -> Dict[str, Any]:
@@ -131,6 +144,35 @@ def _differences(name: str, old: Any, new: Any) -> Dict[str, Tuple[Any, Any]]:
   return {} if old == new else {name: (old, new)}
 
 
+def latest_step(workdir: str) -> Optional[int]:
+  """The step of the newest checkpoint in `workdir`, or None if it holds none."""
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
+    return manager.latest_step()
+
+
+def restore_state(workdir: str, init_state: Callable[[jax.Array, Any], Any], example: Any,
+                  step: Optional[int] = None) -> Any:
+  """A run's train state from a checkpoint, onto this process's first device.
+
+  Args:
+    workdir: the `--workdir` of a training run.
+    init_state: `(rng, example) -> TrainState`, the run's state initialisation; only its
+      shapes are used (`jax.eval_shape`).
+    example: what `init_state` takes as its example batch (arrays or `jax.ShapeDtypeStruct`).
+    step: the checkpoint to load; the latest by default.
+  """
+  step = latest_step(workdir) if step is None else step
+  if step is None:
+    raise UserError(f'{workdir} holds no checkpoint yet.')
+  # Whatever topology the run was trained on.
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          jax.eval_shape(init_state, jax.random.key(0), example))
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))).state
+
+
 def load_model(workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, Dict[str, Any]]:
   """A trained model and its variables, for `encode`/`decode` in a notebook.
 
@@ -146,18 +188,14 @@ def load_model(workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, Dict[st
     [-0.5, 0.5] (`uint8 / 255 - 0.5`), NHWC.
   """
   info = read_run_info(workdir)
+  if 'image_shape' not in info:
+    raise UserError(f'{workdir} holds no VQ-VAE run (its run.json has no image shape); '
+                    f'accepted: the --workdir of python -m train.')
   config = ml_collections.ConfigDict(info['config'])
   model = model_from_config(config.model, info['image_shape'][-1])
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f'{workdir} holds no checkpoint yet.')
-  # Restored onto this process's first device, whatever topology the run was trained on.
-  abstract = abstract_train_state(model, make_optimizer(config), tuple(info['image_shape']),
-                                  jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract))).state
-  manager.close()
+  example = jax.ShapeDtypeStruct((1, *info['image_shape']), jnp.uint8)
+  state = restore_state(workdir, functools.partial(create_train_state, model,
+                                                   make_optimizer(config)), example, step)
   variables = {'params': state.params}
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats

@@ -6,7 +6,6 @@ The loss is the seed's: `mse(recon, x) / data_variance + vq_loss`, with images s
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -70,17 +69,6 @@ def create_train_state(model: VQVAE, tx: optax.GradientTransformation, rng: Arra
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
                     rng=jax.random.key_data(step_rng))
-
-
-def abstract_train_state(model: VQVAE, tx: optax.GradientTransformation,
-                         image_shape: Tuple[int, ...], sharding: jax.sharding.Sharding
-                         ) -> TrainState:
-  """The state's shapes and dtypes, placed by `sharding`, without computing anything."""
-  example = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
-  abstract = jax.eval_shape(functools.partial(create_train_state, model, tx), jax.random.key(0),
-                            example)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      abstract)
 
 
 def make_train_step(model: VQVAE, tx: optax.GradientTransformation

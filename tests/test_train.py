@@ -91,7 +91,7 @@ def test_quickstart_holds_out_whole_photos():
     assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] >= 3, name
     assert min(photo.shape[:2]) >= data.QUICKSTART_CROP, name
   # Every held-out crop is cut from one of the held-out photos, from each of them.
-  _, eval_crops = data._quickstart()  # pylint: disable=protected-access
+  _, (eval_crops, _) = data._quickstart()  # pylint: disable=protected-access
   sources = [data.quickstart_photo(name)[..., :3] for name in data.QUICKSTART_EVAL_PHOTOS]
   windows = [np.lib.stride_tricks.sliding_window_view(photo, (32, 32, 3))[:, :, 0]
              for photo in sources]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -34,18 +34,27 @@ QUICKSTART_TRAIN_CROPS, QUICKSTART_EVAL_CROPS = 20_000, 1_000
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  """A dataset's images, uint8 `[N, H, W, C]`, and its training variance.
+  """A dataset's images, uint8 `[N, H, W, C]`, their labels where it has them, and the training
+  variance.
 
   Attributes:
     train: training images.
     eval: held-out images.
     variance: variance of the training images scaled to [0, 1], the seed's `data_variance`
       (the NMSE divides by it).
+    class_names: the labels' names, label `i` is `class_names[i]`; empty when the dataset has
+      no labels.
+    train_labels: int32 `[N]` labels of the training images, or None.
+    eval_labels: int32 `[M]` labels of the held-out images, or None (the quickstart's held-out
+      photos are none of its training photos).
   """
 
   train: np.ndarray
   eval: np.ndarray
   variance: float
+  class_names: Tuple[str, ...] = ()
+  train_labels: Optional[np.ndarray] = None
+  eval_labels: Optional[np.ndarray] = None
 
   @property
   def image_shape(self) -> Tuple[int, int, int]:
@@ -65,21 +74,27 @@ def pixel_variance(images: np.ndarray) -> float:
 def load(config) -> ImageData:
   """Loads `config.dataset` (see `ACCEPTED`), checks the images and computes the variance."""
   name = config.dataset
+  labels = dict(class_names=())
   if name == 'quickstart':
-    train, held_out = _quickstart()
+    (train, train_labels), (held_out, _) = _quickstart()
+    labels = dict(class_names=QUICKSTART_TRAIN_PHOTOS, train_labels=train_labels)
   elif name.startswith('npz:'):
     train, held_out = _npz(name[4:])
   elif name.startswith('folder:'):
     train, held_out = _folder(name[7:], config.image_size)
   else:
-    train, held_out = (_tfds(config, config.train_split), _tfds(config, config.eval_split))
+    (train, train_labels), (held_out, eval_labels), class_names = (
+        *(_tfds(config, split) for split in (config.train_split, config.eval_split)),
+        _tfds_class_names(config))
+    if class_names:
+      labels = dict(class_names=class_names, train_labels=train_labels, eval_labels=eval_labels)
   train, held_out = (_fit_size(images, config.image_size) for images in (train, held_out))
   for split, images in (('training', train), ('held-out', held_out)):
     _check_images(name, split, images)
   if train.shape[1:] != held_out.shape[1:]:
     raise UserError(f'dataset {name!r}: training images are {train.shape[1:]} but held-out '
                     f'images are {held_out.shape[1:]}; they must match.')
-  return ImageData(train=train, eval=held_out, variance=pixel_variance(train))
+  return ImageData(train=train, eval=held_out, variance=pixel_variance(train), **labels)
 
 
 def _check_images(name: str, split: str, images: np.ndarray) -> None:
@@ -122,19 +137,25 @@ def quickstart_photo(name: str) -> np.ndarray:
   return getattr(skimage.data, name)()
 
 
-def _quickstart() -> Tuple[np.ndarray, np.ndarray]:
-  """Random 32x32 crops of scikit-image's bundled photos, training and held-out photos apart."""
+def _quickstart() -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+  """Random 32x32 crops of scikit-image's bundled photos, training and held-out photos apart.
+
+  Returns:
+    `(train_crops, train_photo_index), (eval_crops, eval_photo_index)`: each crop with the
+    index of its photo in `QUICKSTART_TRAIN_PHOTOS` or `QUICKSTART_EVAL_PHOTOS`.
+  """
   rng = np.random.default_rng(0)  # the same crops for every run: they are the dataset
 
   def crops(photo_names, count):
     photos = [quickstart_photo(name) for name in photo_names]
     out = np.empty((count, QUICKSTART_CROP, QUICKSTART_CROP, 3), np.uint8)
-    for i, which in enumerate(rng.integers(len(photos), size=count)):
+    sources = rng.integers(len(photos), size=count)
+    for i, which in enumerate(sources):
       photo = photos[which]
       top = rng.integers(photo.shape[0] - QUICKSTART_CROP + 1)
       left = rng.integers(photo.shape[1] - QUICKSTART_CROP + 1)
       out[i] = photo[top:top + QUICKSTART_CROP, left:left + QUICKSTART_CROP, :3]
-    return out
+    return out, sources.astype(np.int32)
 
   return (crops(QUICKSTART_TRAIN_PHOTOS, QUICKSTART_TRAIN_CROPS),
           crops(QUICKSTART_EVAL_PHOTOS, QUICKSTART_EVAL_CROPS))
@@ -191,8 +212,9 @@ def _folder(path: str, size: int) -> Tuple[np.ndarray, np.ndarray]:
   return _holdout(np.stack(images))
 
 
-def _tfds(config, split: str) -> np.ndarray:
-  """A tfds split read through `tfds.data_source`, which needs no TensorFlow."""
+def _tfds(config, split: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """A tfds split read through `tfds.data_source`, which needs no TensorFlow: its images, and
+  its int32 labels when the dataset has a `label` class feature (else None)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.data_dir or None
   try:
@@ -220,7 +242,23 @@ def _tfds(config, split: str) -> np.ndarray:
                     f"file_format='array_record' (or use another --config.data_dir).") from None
   except ValueError as e:
     raise UserError(f'dataset {config.dataset!r} has no split {split!r}: {e}') from None
-  return np.stack([np.asarray(source[i][image_key]) for i in range(len(source))])
+  examples = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(example[image_key]) for example in examples])
+  if not _class_names(builder):
+    return images, None
+  return images, np.asarray([example['label'] for example in examples], np.int32)
+
+
+def _tfds_class_names(config) -> Tuple[str, ...]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return _class_names(tfds.builder(config.dataset, data_dir=config.data_dir or None))
+
+
+def _class_names(builder) -> Tuple[str, ...]:
+  """The names of a tfds dataset's `label` classes; empty when it has no such feature."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  label = builder.info.features.get('label')
+  return tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else ()
 
 
 def _readable(config, split: str) -> bool:

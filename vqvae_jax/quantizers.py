@@ -370,7 +370,30 @@ CODEBOOK_OPTIONS = tuple(field.name for field in dataclasses.fields(CodebookOpti
                          if field.name not in ('parent', 'name'))
 
 
-class VectorQuantizer(CodebookOptions):
+class _CodeLookup:
+  """`embed`, the lookup both quantizers share; their `codebook` property is what it reads."""
+
+  def embed(self, indices: Array) -> Array:
+    """The codes at `indices`.
+
+    Args:
+      indices: integer `[...]`, each in `[0, K)`.
+
+    Returns:
+      float32 `[..., D]`: row `indices[...]` of `codebook` (through `project_out` when
+      `codebook_dim` is set).
+
+    Raises:
+      TypeError: `indices` are not integers.
+      ValueError: concrete `indices` (not traced) hold a value outside `[0, K)`; the message
+        names it. Traced `indices` (under `jit`, `vmap`, `scan`) cannot be checked without a
+        device sync: there an out-of-range index, negative ones included, gives a row of NaN,
+        never a valid code.
+    """
+    return _from_code_space(self, _codes_at(self, indices))
+
+
+class VectorQuantizer(_CodeLookup, CodebookOptions):
   """The seed's `VectorQuantizer` (van den Oord et al. 2017), with a learned codebook.
 
   The codebook is the param `embedding`, `[K, C]` (`C = codebook_dim or D`), initialised
@@ -461,25 +484,6 @@ class VectorQuantizer(CodebookOptions):
     offset = new_codes - lax.stop_gradient(self.embedding)
     self.codebook_offset.value = jnp.where(mask[:, None], offset, self.codebook_offset.value)
 
-  def embed(self, indices: Array) -> Array:
-    """The codes at `indices`.
-
-    Args:
-      indices: integer `[...]`, each in `[0, K)`.
-
-    Returns:
-      float32 `[..., D]`: row `indices[...]` of `codebook` (through `project_out` when
-      `codebook_dim` is set).
-
-    Raises:
-      TypeError: `indices` are not integers.
-      ValueError: concrete `indices` (not traced) hold a value outside `[0, K)`; the message
-        names it. Traced `indices` (under `jit`, `vmap`, `scan`) cannot be checked without a
-        device sync: there an out-of-range index, negative ones included, gives a row of NaN,
-        never a valid code.
-    """
-    return _from_code_space(self, _codes_at(self, indices))
-
   @property
   def codebook(self) -> Array:
     """The `[K, C]` codebook in use: `embedding (+ codebook_offset)`, unit rows if cosine."""
@@ -489,7 +493,7 @@ class VectorQuantizer(CodebookOptions):
     return _codes_in_use(self, stored)
 
 
-class VectorQuantizerEMA(CodebookOptions):
+class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
   """The seed's `VectorQuantizerEMA`: codes are exponential moving averages of their inputs.
 
   State, all float32 in the mutable `batch_stats` collection (`C = codebook_dim or D`):
@@ -642,25 +646,6 @@ class VectorQuantizerEMA(CodebookOptions):
     self.embedding.value = jnp.where(rows, new_codes, self.embedding.value)
     self.ema_cluster_size.value = jnp.where(mask, stored_sizes, self.ema_cluster_size.value)
     self.ema_w.value = jnp.where(rows, new_codes * stored_sizes[:, None], self.ema_w.value)
-
-  def embed(self, indices: Array) -> Array:
-    """The codes at `indices`.
-
-    Args:
-      indices: integer `[...]`, each in `[0, K)`.
-
-    Returns:
-      float32 `[..., D]`: row `indices[...]` of `codebook` (through `project_out` when
-      `codebook_dim` is set).
-
-    Raises:
-      TypeError: `indices` are not integers.
-      ValueError: concrete `indices` (not traced) hold a value outside `[0, K)`; the message
-        names it. Traced `indices` (under `jit`, `vmap`, `scan`) cannot be checked without a
-        device sync: there an out-of-range index, negative ones included, gives a row of NaN,
-        never a valid code.
-    """
-    return _from_code_space(self, _codes_at(self, indices))
 
   @property
   def codebook(self) -> Array:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'colab', 'vqvae_tpu.ipynb')
 
@@ -20,5 +21,16 @@ def test_install_cells_are_skipped_in_ci():
     notebook = json.load(f)
   for cell in notebook['cells']:
     source = ''.join(cell['source'])
-    if 'pip install' in source and not source.lstrip().startswith('#') or '!git clone' in source:
+    installs = 'pip install' in source and not source.lstrip().startswith('#')
+    if installs or 'install.py' in source or '!git clone' in source:
       assert 'skip-execution' in cell['metadata'].get('tags', []), source[:80]
+
+
+def test_notebook_kernel_is_this_python():
+  """nbmake starts the notebook's kernel (python3) with this command: CI's two runs each test
+  their own virtual environment only if it is this interpreter."""
+  from jupyter_client.manager import KernelManager  # pylint: disable=g-import-not-at-top
+  with open(NOTEBOOK) as f:
+    kernel_name = json.load(f)['metadata']['kernelspec']['name']
+  manager = KernelManager(kernel_name=kernel_name)
+  assert manager.format_kernel_cmd()[0] == sys.executable

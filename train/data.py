@@ -257,7 +257,8 @@ def _tfds_class_names(config) -> Tuple[str, ...]:
 def _class_names(builder) -> Tuple[str, ...]:
   """The names of a tfds dataset's `label` classes; empty when it has no such feature."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  label = builder.info.features.get('label')
+  features = builder.info.features
+  label = features['label'] if 'label' in features.keys() else None
   return tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else ()
 
 

@@ -1,0 +1,195 @@
+"""The prior's training program and the sampling command, end to end on tiny models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import XLA_FLAGS_FOR_DEVICES
+from train import data, loop, prior_training, trainer
+from train.checkpoints import load_model
+from train.configs import prior_quickstart
+from train.errors import UserError
+from vqvae_jax import VQVAE
+from vqvae_jax.prior import CodePrior
+
+from tests.test_train import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_PRIOR = dict(width=16, depth=1, num_heads=2, mlp_ratio=2)
+
+
+def tiny_prior_config(vqvae_workdir, **overrides):
+  config = prior_quickstart.get_config()
+  config.vqvae_workdir = vqvae_workdir
+  config.model.update(TINY_PRIOR)
+  config.update(dict(batch_size=16, eval_batch_size=256, num_train_steps=4,
+                     steps_per_dispatch=2, log_every_steps=2, eval_every_steps=4,
+                     checkpoint_every_steps=2, warmup_steps=2, num_samples=16))
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def vqvae_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('vqvae'))
+  trainer.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=2), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def prior_workdir(vqvae_workdir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('prior'))
+  prior_training.train_and_evaluate(tiny_prior_config(vqvae_workdir), workdir)
+  return workdir
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_quickstart_labels_name_the_photo_of_each_crop():
+  loaded = data.load(tiny_config())
+  assert loaded.class_names == data.QUICKSTART_TRAIN_PHOTOS
+  assert loaded.train_labels.shape == (len(loaded.train),) and loaded.eval_labels is None
+  assert set(np.unique(loaded.train_labels)) == set(range(len(data.QUICKSTART_TRAIN_PHOTOS)))
+  for crop, label in zip(loaded.train[:12], loaded.train_labels[:12]):
+    photo = data.quickstart_photo(data.QUICKSTART_TRAIN_PHOTOS[label])[..., :3]
+    windows = np.lib.stride_tricks.sliding_window_view(photo, (32, 32, 3))[:, :, 0]
+    assert np.any(np.all(windows == crop, axis=(2, 3, 4)))
+
+
+def test_tfds_labels_come_with_the_images():
+  with __import__('tensorflow_datasets').testing.mock_data(num_examples=24):
+    loaded = data.load(tiny_config(dataset='cifar10'))
+  assert len(loaded.class_names) == 10
+  assert loaded.train_labels.shape == (24,) and loaded.eval_labels.shape == (24,)
+  assert loaded.train_labels.dtype == np.int32 and loaded.train_labels.max() < 10
+
+
+def test_prior_trains_logs_baselines_and_writes_samples(vqvae_workdir, prior_workdir):
+  lines = read_metrics(prior_workdir)
+  assert [line['step'] for line in lines] == [2, 4, 4]
+  assert {'loss', 'bits_per_code', 'grids_per_sec'} <= set(lines[0])
+  final = lines[-1]
+  assert final['uniform_bits_per_code'] == pytest.approx(4.0)  # K = 16
+  for key in ('eval_bits_per_code', 'unigram_bits_per_code', 'bigram_bits_per_code'):
+    assert 0 < final[key] < 8, key
+  # The cache holds the VQ-VAE's own codes of the held-out images.
+  with np.load(os.path.join(prior_workdir, 'codes.npz')) as cached:
+    eval_codes, train_labels = cached['eval_codes'], cached['train_labels']
+    assert list(cached['class_names']) == list(data.QUICKSTART_TRAIN_PHOTOS)
+  model, variables = load_model(vqvae_workdir)
+  images = data.load(tiny_config()).eval[:32]
+  expected = model.apply(variables, images.astype(np.float32) / 255 - 0.5, method=VQVAE.encode)
+  np.testing.assert_array_equal(eval_codes[:32], expected)
+  assert eval_codes.shape == (1000, 8, 8) and train_labels.shape == (20_000,)
+  samples = Image.open(os.path.join(prior_workdir, 'samples.png'))
+  assert samples.width >= 8 * 32 and samples.height >= 2 * 32
+  info = json.load(open(os.path.join(prior_workdir, 'run.json')))
+  assert info['grid_shape'] == [8, 8] and info['class_names'] == list(data.QUICKSTART_TRAIN_PHOTOS)
+
+
+def test_eval_bits_per_code_is_the_priors_mean_over_the_held_out_codes(prior_workdir):
+  prior, params, _ = prior_training.load_prior(prior_workdir)
+  with np.load(os.path.join(prior_workdir, 'codes.npz')) as cached:
+    eval_codes = cached['eval_codes']
+  bits = prior.apply({'params': params}, eval_codes, method=CodePrior.bits_per_code)
+  assert read_metrics(prior_workdir)[-1]['eval_bits_per_code'] == pytest.approx(
+      float(np.mean(bits)), rel=1e-5)
+
+
+def test_prior_resume_after_sigterm_continues_identically(vqvae_workdir, tmp_path,
+                                                          monkeypatch):
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  config = tiny_prior_config(vqvae_workdir, num_samples=0)
+  prior_training.train_and_evaluate(config, straight)
+  write = loop._Logs.write  # pylint: disable=protected-access
+
+  def preempt_at_step_2(self, step, metrics):
+    write(self, step, metrics)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # as a preemption would, mid-run
+
+  monkeypatch.setattr(loop._Logs, 'write', preempt_at_step_2)  # pylint: disable=protected-access
+  prior_training.train_and_evaluate(config, resumed)
+  assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['2']
+  monkeypatch.undo()
+  prior_training.train_and_evaluate(config, resumed)
+  a, b = (prior_training.load_prior(w)[1] for w in (straight, resumed))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert (read_metrics(straight)[-1]['eval_bits_per_code'] ==
+          read_metrics(resumed)[-1]['eval_bits_per_code'])
+
+
+def test_prior_refuses_a_missing_vqvae_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'prior'
+  with pytest.raises(UserError, match=r"config.vqvae_workdir='nowhere' is not a directory"):
+    prior_training.train_and_evaluate(tiny_prior_config('nowhere'), str(workdir))
+  assert not workdir.exists()
+
+
+def run_module(module, *args, devices=1, timeout=300):
+  env = {**os.environ, 'XLA_FLAGS': XLA_FLAGS_FOR_DEVICES.format(devices), 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_sample_command_writes_the_grid_and_the_codes(prior_workdir, tmp_path):
+  out = str(tmp_path / 'grid.png')
+  result = run_module('train.sample', f'--workdir={prior_workdir}', '--num_samples=16',
+                      f'--out={out}', '--label=astronaut', '--top_k=8', '--seed=3')
+  assert result.returncode == 0, result.stderr
+  with np.load(str(tmp_path / 'grid.npz')) as saved:
+    codes, labels = saved['codes'], saved['labels']
+  assert codes.shape == (16, 8, 8) and codes.dtype == np.int32
+  np.testing.assert_array_equal(labels, np.zeros(16))  # astronaut is label 0
+  image = Image.open(out)
+  assert image.width >= 8 * 32 and image.height >= 2 * 32
+  prior, params, _ = prior_training.load_prior(prior_workdir)
+  from vqvae_jax.prior import sample  # pylint: disable=g-import-not-at-top
+  expected = sample(prior, params, jax.random.key(3), labels=np.zeros(16, np.int32), top_k=8)
+  np.testing.assert_array_equal(codes, expected)  # the same samples as the library's
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--temperature=0'], 'temperature must be a number > 0, got 0.0'),
+    (['--top_p=1.5'], r'top_p must be in \(0, 1\], got 1.5'),
+    (['--label=dog'], "--label 'dog' is not a label of this prior; accepted: none, 0 to 5, or "
+                      'one of astronaut'),
+])
+def test_sample_command_bad_input_is_one_line(prior_workdir, tmp_path, flags, message):
+  result = run_module('train.sample', f'--workdir={prior_workdir}',
+                      f'--out={tmp_path / "x.png"}', *flags)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert __import__('re').search(message, lines[0]), lines[0]
+  assert not (tmp_path / 'x.png').exists()
+
+
+def test_sample_command_on_a_workdir_without_a_prior(vqvae_workdir, tmp_path):
+  for workdir, message in ((vqvae_workdir, 'holds a VQ-VAE run, not a prior'),
+                           (str(tmp_path), 'holds no training run')):
+    result = run_module('train.sample', f'--workdir={workdir}')
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_prior_command_bad_input_is_one_line(tmp_path):
+  result = run_module('train.prior', '--config=train/configs/prior_quickstart.py',
+                      f'--workdir={tmp_path / "p"}', '--config.sample_top_p=2.0')
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert lines == ['error: config.sample_top_p=2.0; accepted: a number in (0, 1] '
+                   '(1 turns it off).'], result.stderr
+  assert not (tmp_path / 'p').exists()

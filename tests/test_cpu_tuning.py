@@ -37,7 +37,7 @@ def test_users_own_value_wins():
 def test_unmeasured_jaxlib_gets_nothing():
   """An XLA that does not know an experimental flag aborts, so only measured versions get it."""
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  for version in ('0.11.2', '0.12.0.1', '0.9.0', '1.10.0'):
+  for version in ('0.10.0', '0.10.1', '0.11.2', '0.12.0.1', '0.9.0', '1.10.0'):
     assert not cpu_tuning.use_measured_cpu_fusions(env, jaxlib_version=version)
   assert env == {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 

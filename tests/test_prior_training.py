@@ -193,3 +193,14 @@ def test_prior_command_bad_input_is_one_line(tmp_path):
   assert lines == ['error: config.sample_top_p=2.0; accepted: a number in (0, 1] '
                    '(1 turns it off).'], result.stderr
   assert not (tmp_path / 'p').exists()
+
+
+def test_sampling_bench_times_both_samplers_on_the_same_samples(tmp_path):
+  from train.bench import prior_sampling  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'bench.json'
+  prior_sampling.main(['--grids=2x3', '--batch_size=4', '--rounds=1', f'--out={out}',
+                       f'--markdown={tmp_path / "bench.md"}'])
+  result, = json.load(open(out))['results']
+  assert result['grid'] == [2, 3] and result['positions'] == 6 and result['identical_samples']
+  assert result['cached_codes_per_sec'] > 0 and result['uncached_codes_per_sec'] > 0
+  assert '| 2x3 | 6 | 4 |' in (tmp_path / 'bench.md').read_text()

@@ -136,13 +136,15 @@ def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
 
 def encode_codes(vqvae: VQVAE, variables: Any, images: np.ndarray, mesh: jax.sharding.Mesh,
                  batch_size: int) -> np.ndarray:
-  """int32 `[N, H/4, W/4]` code grids of uint8 images `[N, H, W, C]`, in sharded batches."""
+  """int32 `[N, H/4, W/4]` code grids of uint8 images `[N, H, W, C]`, in sharded batches.
+
+  `variables` must be replicated on `mesh`.
+  """
   batch_sharding = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
   encode = jax.jit(lambda v, x: vqvae.apply(v, to_model_input(x), method=VQVAE.encode),
                    out_shardings=replicated)
-  variables = jax.device_put(variables, replicated)
   grids = []
   for start in range(0, len(images), batch_size):
     indices = np.minimum(np.arange(start, start + batch_size), len(images) - 1)
@@ -300,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   vqvae, vqvae_variables, vqvae_step = load_vqvae(config.vqvae_workdir)
   loop.prepare_workdir(workdir)  # after the checks of the config and the VQ-VAE
   mesh = loop.data_mesh()
+  vqvae_variables = jax.device_put(vqvae_variables, NamedSharding(mesh, P()))
   codes = load_or_encode_codes(config, workdir, vqvae, vqvae_variables, vqvae_step, mesh)
   conditional = bool(config.conditional and codes.class_names)
   prior = prior_from_config(config, vqvae.num_embeddings, codes.train_codes.shape[1:],

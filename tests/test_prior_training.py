@@ -204,3 +204,12 @@ def test_sampling_bench_times_both_samplers_on_the_same_samples(tmp_path):
   assert result['grid'] == [2, 3] and result['positions'] == 6 and result['identical_samples']
   assert result['cached_codes_per_sec'] > 0 and result['uncached_codes_per_sec'] > 0
   assert '| 2x3 | 6 | 4 |' in (tmp_path / 'bench.md').read_text()
+
+
+def test_the_prior_keeps_the_vqvae_checkpoint_its_codes_came_from(vqvae_workdir, prior_workdir):
+  assert prior_training.cached_vqvae_step(prior_workdir) == 2
+  _, _, step = prior_training.load_vqvae(vqvae_workdir, 2)
+  assert step == 2
+  with pytest.raises(UserError, match=r'at step 7, and that checkpoint is gone \(it holds '
+                                      r'steps \[2\]\)'):
+    prior_training.load_vqvae(vqvae_workdir, 7)

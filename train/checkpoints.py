@@ -144,10 +144,10 @@ def _differences(name: str, old: Any, new: Any) -> Dict[str, Tuple[Any, Any]]:
   return {} if old == new else {name: (old, new)}
 
 
-def latest_step(workdir: str) -> Optional[int]:
-  """The step of the newest checkpoint in `workdir`, or None if it holds none."""
+def checkpoint_steps(workdir: str) -> Tuple[int, ...]:
+  """The steps of the checkpoints in `workdir`, oldest first; empty if it holds none."""
   with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
-    return manager.latest_step()
+    return tuple(sorted(manager.all_steps()))
 
 
 def restore_state(workdir: str, init_state: Callable[[jax.Array, Any], Any], example: Any,
@@ -161,9 +161,13 @@ def restore_state(workdir: str, init_state: Callable[[jax.Array, Any], Any], exa
     example: what `init_state` takes as its example batch (arrays or `jax.ShapeDtypeStruct`).
     step: the checkpoint to load; the latest by default.
   """
-  step = latest_step(workdir) if step is None else step
-  if step is None:
+  steps = checkpoint_steps(workdir)
+  if not steps:
     raise UserError(f'{workdir} holds no checkpoint yet.')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise UserError(f'{workdir} holds no checkpoint at step {step}; it holds steps '
+                    f'{list(steps)}.')
   # Whatever topology the run was trained on.
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from train import data as data_lib
 from train import evaluate as evaluate_lib
 from train import loop
-from train.checkpoints import latest_step, load_model, read_run_info, restore_state, write_run_info
+from train.checkpoints import checkpoint_steps, load_model, read_run_info, restore_state, \
+    write_run_info
 from train.errors import UserError
 from train.step import DTYPES, TrainState, to_model_input
 from vqvae_jax import VQVAE
@@ -287,19 +288,37 @@ def to_uint8(images: jax.Array) -> np.ndarray:
   return np.clip(np.round((np.asarray(images) + 0.5) * 255), 0, 255).astype(np.uint8)
 
 
-def load_vqvae(vqvae_workdir: str) -> Tuple[VQVAE, Any, int]:
-  """The trained VQ-VAE of `vqvae_workdir`, its variables and its checkpoint's step."""
+def load_vqvae(vqvae_workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, Any, int]:
+  """The trained VQ-VAE of `vqvae_workdir` at `step` (the latest by default), its variables and
+  its checkpoint's step."""
   if not os.path.isdir(vqvae_workdir):
     raise UserError(f'config.vqvae_workdir={vqvae_workdir!r} is not a directory; accepted: the '
                     f'--workdir of a trained VQ-VAE, e.g. runs/quickstart.')
-  model, variables = load_model(vqvae_workdir)
-  return model, variables, latest_step(vqvae_workdir)
+  steps = checkpoint_steps(vqvae_workdir)
+  if step is not None and step not in steps:
+    raise UserError(f'the prior was trained on the codes of the VQ-VAE in {vqvae_workdir} at '
+                    f'step {step}, and that checkpoint is gone (it holds steps {list(steps)}); '
+                    f'train a new prior in another --workdir.')
+  step = step if step is not None else (steps[-1] if steps else None)
+  model, variables = load_model(vqvae_workdir, step)
+  return model, variables, step
+
+
+def cached_vqvae_step(workdir: str) -> Optional[int]:
+  """The VQ-VAE step whose codes the workdir's cache holds; None before they are encoded."""
+  path = os.path.join(workdir, CODES_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as cached:
+    return int(cached['vqvae_step'])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the prior in `workdir`; returns the last evaluation's metrics."""
   validate(config)
-  vqvae, vqvae_variables, vqvae_step = load_vqvae(config.vqvae_workdir)
+  # A resumed prior keeps the VQ-VAE checkpoint its cached codes came from, even if the VQ-VAE
+  # has trained on since.
+  vqvae, vqvae_variables, vqvae_step = load_vqvae(config.vqvae_workdir, cached_vqvae_step(workdir))
   loop.prepare_workdir(workdir)  # after the checks of the config and the VQ-VAE
   mesh = loop.data_mesh()
   vqvae_variables = jax.device_put(vqvae_variables, NamedSharding(mesh, P()))

@@ -66,7 +66,8 @@ def main(argv):
     options = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
                    top_p=_TOP_P.value if _TOP_P.value != 1.0 else None,
                    guidance_scale=_GUIDANCE_SCALE.value)
-    vqvae, vqvae_variables, _ = prior_training.load_vqvae(info['config']['vqvae_workdir'])
+    vqvae, vqvae_variables, _ = prior_training.load_vqvae(info['config']['vqvae_workdir'],
+                                                          info['vqvae_step'])
     try:
       codes, rows, names = prior_training.sample_image_rows(
           prior, params, prior_training.make_decode(vqvae), vqvae_variables,

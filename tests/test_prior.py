@@ -110,6 +110,9 @@ def test_sampling_is_a_function_of_the_key(conditional):
   other = sample(prior, params, jax.random.key(12), labels=labels)
   np.testing.assert_array_equal(first, again)
   assert np.any(np.asarray(first) != np.asarray(other))
+  # Labels and prefixes may be lists.
+  np.testing.assert_array_equal(sample(prior, params, jax.random.key(11), labels=[0, 1, 2, 0]),
+                                first)
   # Example i depends on (key, i) only: a smaller batch gives the same first examples.
   np.testing.assert_array_equal(sample(prior, params, jax.random.key(11), labels=labels[:2]),
                                 first[:2])

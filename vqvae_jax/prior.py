@@ -293,6 +293,7 @@ def check_codes(prior: CodePrior, codes: Any, name: str = 'codes') -> None:
 
 
 def _check_integers(values: Any, name: str, upper: int) -> None:
+  values = _as_array(values)
   if not jnp.issubdtype(jnp.result_type(values), jnp.integer):
     raise ValueError(f'{name} must be integers, got dtype {jnp.result_type(values)}.')
   if _is_concrete(values) and np.size(values):
@@ -301,6 +302,11 @@ def _check_integers(values: Any, name: str, upper: int) -> None:
     if low < 0 or high >= upper:
       bad = low if low < 0 else high
       raise ValueError(f'{name} holds {bad}; accepted: integers in [0, {upper}).')
+
+
+def _as_array(values: Any) -> Any:
+  """Arrays (and tracers) as they are; a list or a tuple as a numpy array."""
+  return values if hasattr(values, 'dtype') else np.asarray(values)
 
 
 def check_labels(prior: CodePrior, labels: Any, batch: Optional[int] = None) -> None:
@@ -442,6 +448,8 @@ def sample(prior: CodePrior, params: PyTree, key: Array, *, num_samples: Optiona
     raise ValueError(f'temperature must be a number > 0, got {temperature!r}.')
   if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
     raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
+  labels = None if labels is None else _as_array(labels)
+  prefix = None if prefix is None else _as_array(prefix)
   if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= prior.num_embeddings):
     raise ValueError(f'top_k must be an integer in [1, {prior.num_embeddings}] (K), got '
                      f'{top_k!r}.')

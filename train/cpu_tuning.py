@@ -57,8 +57,8 @@ YNN_FUSION_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 # Exact names replace XLA's default list, which has LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
 YNN_FUSION_TYPES = ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT', 'LIBRARY_FUSION_TYPE_ELTWISE',
                     'LIBRARY_FUSION_TYPE_REDUCE')
-# jaxlib 0.10.0's XLA already leaves lone convolutions to its Eigen kernels (the option's test
-# fails there), so the measured gain is 0.10.2's only.
+# Not 0.10.0 or 0.10.1: there the option's test fails (0.10.0's default already leaves a lone
+# convolution to XLA; on 0.10.1 the option splits convolution, bias and ReLU across two fusions).
 MEASURED_JAXLIB_VERSIONS = ('0.10.2',)
 ASYNC_CPU_DISPATCH = 'jax_cpu_enable_async_dispatch'
 

@@ -150,6 +150,14 @@ def checkpoint_steps(workdir: str) -> Tuple[int, ...]:
     return tuple(sorted(manager.all_steps()))
 
 
+def abstract_state(init_state: Callable[[jax.Array, Any], Any], example: Any,
+                   sharding: jax.sharding.Sharding) -> Any:
+  """The shapes and dtypes `init_state(rng, example)` returns, placed by `sharding`, computed
+  without running it (`jax.eval_shape`): what a checkpoint restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(init_state, jax.random.key(0), example))
+
+
 def restore_state(workdir: str, init_state: Callable[[jax.Array, Any], Any], example: Any,
                   step: Optional[int] = None) -> Any:
   """A run's train state from a checkpoint, onto this process's first device.
@@ -169,9 +177,8 @@ def restore_state(workdir: str, init_state: Callable[[jax.Array, Any], Any], exa
     raise UserError(f'{workdir} holds no checkpoint at step {step}; it holds steps '
                     f'{list(steps)}.')
   # Whatever topology the run was trained on.
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          jax.eval_shape(init_state, jax.random.key(0), example))
+  abstract = abstract_state(init_state, example,
+                            jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
     return manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract))).state

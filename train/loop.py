@@ -25,7 +25,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from train import data as data_lib
-from train.checkpoints import Checkpoints
+from train.checkpoints import Checkpoints, abstract_state
 from train.errors import UserError
 from train.step import TrainState
 
@@ -182,9 +182,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
   steps_sharding = NamedSharding(mesh, P(None, 'data'))  # [k, B, ...]: batch over devices
   example = jax.tree.map(lambda x: x[:1], task.train_data)
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          jax.eval_shape(task.init_state, jax.random.key(0), example))
-  state = checkpoints.restore_latest(abstract)
+  state = checkpoints.restore_latest(abstract_state(task.init_state, example, replicated))
   if state is None:
     state = jax.jit(task.init_state, out_shardings=replicated)(jax.random.key(config.seed),
                                                                example)

@@ -44,7 +44,7 @@ Device layouts:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -104,232 +104,8 @@ class QuantizerOutput:
   distances: Optional[Array] = None
 
 
-# ---- Field checks and feature switches, shared by both quantizers. ----
-
-def _check_common(module: Any) -> None:
-  if not isinstance(module.num_embeddings, int) or module.num_embeddings < 1:
-    raise ValueError(f'num_embeddings must be an integer >= 1, got {module.num_embeddings!r}.')
-  if not isinstance(module.embedding_dim, int) or module.embedding_dim < 1:
-    raise ValueError(f'embedding_dim must be an integer >= 1, got {module.embedding_dim!r}.')
-  if module.commitment_cost < 0:
-    raise ValueError(f'commitment_cost must be >= 0, got {module.commitment_cost!r}.')
-  if module.distance_chunk_size is not None and module.distance_chunk_size < 1:
-    raise ValueError(
-        f'distance_chunk_size must be None or >= 1, got {module.distance_chunk_size!r}.')
-  if module.codebook_init not in CODEBOOK_INITS:
-    raise ValueError(f'codebook_init must be one of {CODEBOOK_INITS}, got '
-                     f'{module.codebook_init!r}.')
-  if not isinstance(module.kmeans_iters, int) or module.kmeans_iters < 0:
-    raise ValueError(f'kmeans_iters must be an integer >= 0, got {module.kmeans_iters!r}.')
-  if module.dead_code_threshold < 0:
-    raise ValueError(f'dead_code_threshold must be >= 0 (0 disables restarts), got '
-                     f'{module.dead_code_threshold!r}.')
-  if not 0.0 <= module.usage_decay < 1.0:
-    raise ValueError(f'usage_decay must be in [0, 1), got {module.usage_decay!r}.')
-  if module.codebook_dim is not None and (not isinstance(module.codebook_dim, int) or
-                                          module.codebook_dim < 1):
-    raise ValueError(f'codebook_dim must be None or an integer >= 1, got '
-                     f'{module.codebook_dim!r}.')
-  if module.entropy_weight < 0:
-    raise ValueError(f'entropy_weight must be >= 0, got {module.entropy_weight!r}.')
-  if not module.entropy_temperature > 0:
-    raise ValueError(f'entropy_temperature must be > 0, got {module.entropy_temperature!r}.')
-
-
-def _restarts_dead_codes(module: Any) -> bool:
-  return module.dead_code_threshold > 0
-
-
-def _tracks_usage(module: Any) -> bool:
-  return module.track_usage or _restarts_dead_codes(module)
-
-
-def _writes_codes(module: Any) -> bool:
-  """Whether training calls overwrite codes with data (k-means init or restarts)."""
-  return module.codebook_init == 'kmeans' or _restarts_dead_codes(module)
-
-
-def _has_codebook_state(module: Any) -> bool:
-  return _tracks_usage(module) or _writes_codes(module)
-
-
-def _code_dim(module: Any) -> int:
-  """C: the size of the codes, `codebook_dim` when the lookup is projected, else D."""
-  return module.embedding_dim if module.codebook_dim is None else module.codebook_dim
-
-
-def _setup_codebook_options(module: Any, needs_counter: bool) -> None:
-  """Declares the projections and the state the codebook options need (nothing by default).
-
-  State, float32 unless said, in `batch_stats`:
-    * `counter` `[]` int32: training calls so far (k-means runs at 0; debiasing uses it).
-    * `code_usage` `[K]`: zero-debiased EMA of per-batch code counts (see
-      `codebook.update_usage`); with `track_usage` or `dead_code_threshold > 0`.
-  """
-  if module.codebook_dim is not None:
-    # float32 and full precision: the codes are decided in this space.
-    module.project_in = nn.Dense(module.codebook_dim, dtype=jnp.float32,
-                                 precision=lax.Precision.HIGHEST)
-    module.project_out = nn.Dense(module.embedding_dim, dtype=jnp.float32,
-                                  precision=lax.Precision.HIGHEST)
-  module.counter = (module.variable('batch_stats', 'counter', jnp.zeros, (), jnp.int32)
-                    if needs_counter else None)
-  if _tracks_usage(module):
-    module.code_usage = module.variable('batch_stats', 'code_usage', jnp.zeros,
-                                        (module.num_embeddings,), jnp.float32)
-
-
-# ---- The forward pass, shared by both quantizers. ----
-
-def _flatten(module: Any, inputs: Array) -> Array:
-  if inputs.ndim < 1 or inputs.shape[-1] != module.embedding_dim:
-    raise ValueError(f'{type(module).__name__} expects inputs of shape [..., {module.embedding_dim}]'
-                     f' (embedding_dim), got shape {tuple(inputs.shape)}.')
-  if not jnp.issubdtype(inputs.dtype, jnp.floating):
-    raise TypeError(f'{type(module).__name__} expects floating-point inputs, got '
-                    f'{inputs.dtype}.')
-  return inputs.reshape(-1, module.embedding_dim).astype(jnp.float32)
-
-
-def _to_code_space(module: Any, flat_inputs: Array) -> Array:
-  """`[N, D]` inputs -> `[N, C]` latents, the vectors that are actually quantized."""
-  latents = flat_inputs
-  if module.codebook_dim is not None:
-    latents = module.project_in(latents)
-  if module.cosine_codes:
-    latents = l2_normalize(latents)
-  return latents
-
-
-def _from_code_space(module: Any, codes: Array) -> Array:
-  """`[..., C]` codes -> `[..., D]`."""
-  return codes if module.codebook_dim is None else module.project_out(codes)
-
-
-def _codes_in_use(module: Any, stored_codebook: Array) -> Array:
-  """The stored codebook as the lookup uses it: unit rows for cosine codes."""
-  return l2_normalize(stored_codebook) if module.cosine_codes else stored_codebook
-
-
-def _lookup(module: Any, latents: Array, codebook: Array):
-  """Nearest codes and the batch statistics shared by both quantizers."""
-  if module.return_distances or module.entropy_weight > 0:  # the entropy term needs all of them
-    distances = squared_distances(latents, codebook)
-    indices = nearest_in_distances(distances)
-  else:
-    distances = None
-    indices = nearest_code(latents, codebook, module.distance_chunk_size)
-  codes = jnp.take(codebook, indices, axis=0)
-  code_counts = jnp.zeros((module.num_embeddings,), jnp.float32).at[indices].add(1.0)
-  if module.axis_name is not None:
-    code_counts = lax.psum(code_counts, module.axis_name)
-  return indices, codes, code_counts, distances
-
-
 def _mse(a: Array, b: Array) -> Array:
   return jnp.mean(jnp.square(a - b))
-
-
-def _check_training_call(module: Any) -> None:
-  if not module.is_mutable_collection('batch_stats'):
-    raise ValueError(f"{type(module).__name__} with train=True updates its state: call "
-                     f"apply(..., mutable=['batch_stats']), or pass train=False.")
-  if _writes_codes(module) and not module.has_rng('codebook'):
-    raise ValueError(f"{type(module).__name__} with codebook_init={module.codebook_init!r} and "
-                     f"dead_code_threshold={module.dead_code_threshold!r} draws random codes "
-                     f"when training: pass rngs={{'codebook': key}} to apply (a new key each "
-                     f"step).")
-
-
-def _kmeans_init(module: Any, key: Array, latents: Array) -> None:
-  """On the first training call (counter 0), sets every code to k-means centres of the batch.
-
-  Inside `shard_map` the points are the global batch, gathered inside the branch that runs
-  only once, so later steps pay nothing for it.
-  """
-  first_call = module.counter.value == 0
-  num_codes = module.num_embeddings
-
-  def centres_of_batch():
-    points_key, kmeans_key = jax.random.split(key)
-    num_points = global_row_count(latents.shape[0], module.axis_name)
-    # A permutation of the whole global batch: inside shard_map, the gather of all of it.
-    points = sample_global_rows(points_key, latents, num_points, module.axis_name)
-    return kmeans(kmeans_key, points, num_codes, module.kmeans_iters,
-                  normalize=module.cosine_codes)
-
-  def unchanged():
-    return (jnp.zeros((num_codes, latents.shape[1]), jnp.float32),
-            jnp.zeros((num_codes,), jnp.float32))
-
-  centres, sizes = lax.cond(first_call, centres_of_batch, unchanged)
-  module._write_codes(jnp.broadcast_to(first_call, (num_codes,)), centres, sizes,
-                      module.counter.value)
-
-
-def _restart_dead_codes(module: Any, key: Array, latents: Array, code_usage: Array,
-                        step: Array) -> Array:
-  """Replaces codes with `code_usage < dead_code_threshold` by vectors of the global batch.
-
-  The restarted codes' usage (and, for the EMA quantizer, their cluster size) is set to the
-  threshold: they count as just alive, so a code that catches no vector is redrawn next step.
-
-  Returns:
-    float32 `[K]`, the usage after the restart.
-  """
-  threshold = jnp.float32(module.dead_code_threshold)
-  dead = code_usage < threshold
-  candidates = sample_global_rows(key, latents, module.num_embeddings, module.axis_name)
-  module._write_codes(dead, candidates, jnp.full_like(code_usage, threshold), step)
-  return jnp.where(dead, threshold, code_usage)
-
-
-def _quantize(module: Any, inputs: Array, train: bool) -> QuantizerOutput:
-  """The whole call of either quantizer: see `VectorQuantizer.__call__`."""
-  flat_inputs = _flatten(module, inputs)
-  latents = _to_code_space(module, flat_inputs)
-  updating = train and module.has_training_state and not module.is_initializing()
-  if updating:
-    _check_training_call(module)
-    if not flat_inputs.shape[0]:
-      # Counts, EMA sums and k-means points of nothing: NaN statistics or out-of-range samples.
-      raise ValueError(f'{type(module).__name__} with train=True needs at least one input '
-                       f'vector, got inputs of shape {tuple(inputs.shape)}.')
-    if _writes_codes(module):
-      kmeans_key, restart_key = jax.random.split(module.make_rng('codebook'))
-    # What is written into the state (centres, restarted codes, EMA sums) carries no gradient.
-    detached_latents = lax.stop_gradient(latents)
-    if module.codebook_init == 'kmeans':
-      _kmeans_init(module, kmeans_key, detached_latents)
-  codebook = module.codebook  # read after the k-means init, so this call uses the centres
-  indices, codes, code_counts, distances = _lookup(module, latents, codebook)
-  if updating:
-    step = None if module.counter is None else module.counter.value + 1
-    module._update_codebook(detached_latents, indices, code_counts, step)
-    if _tracks_usage(module):
-      code_usage = update_usage(module.code_usage.value, code_counts, module.usage_decay, step)
-      if _restarts_dead_codes(module):
-        code_usage = _restart_dead_codes(module, restart_key, detached_latents, code_usage,
-                                         step)
-      module.code_usage.value = code_usage
-    if step is not None:
-      module.counter.value = step
-  loss = module._codebook_loss(latents, codes)
-  if module.entropy_weight > 0:
-    loss = loss + module.entropy_weight * batch_usage_entropy_loss(
-        distances, module.entropy_temperature, module.axis_name)
-
-  straight_through = latents + lax.stop_gradient(codes - latents)
-  quantized = _from_code_space(module, straight_through)
-  return QuantizerOutput(
-      quantized=quantized.reshape(inputs.shape).astype(inputs.dtype),
-      loss=loss,
-      perplexity=perplexity_from_counts(code_counts),
-      indices=indices.reshape(inputs.shape[:-1]),
-      code_counts=code_counts,
-      encodings=(jax.nn.one_hot(indices, module.num_embeddings, dtype=jnp.float32)
-                 if module.return_encodings else None),
-      distances=distances if module.return_distances else None)
 
 
 class CodebookOptions(nn.Module, kw_only=True):
@@ -369,9 +145,245 @@ class CodebookOptions(nn.Module, kw_only=True):
 CODEBOOK_OPTIONS = tuple(field.name for field in dataclasses.fields(CodebookOptions)
                          if field.name not in ('parent', 'name'))
 
+class _VectorQuantizerBase(CodebookOptions):
+  """What both quantizers share: field checks, the codebook options' state, the forward pass
+  and `embed`.
 
-class _CodeLookup:
-  """`embed`, the lookup both quantizers share; their `codebook` property is what it reads."""
+  Each quantizer declares its own fields, so that each keeps the seed's positional order; the
+  ones read here are `num_embeddings`, `embedding_dim`, `commitment_cost`, `axis_name`,
+  `distance_chunk_size`, `return_encodings` and `return_distances`. Each also provides what
+  differs between the two codebooks:
+    * `codebook`: the `[K, C]` codebook in use;
+    * `has_training_state`: whether `train=True` updates `batch_stats`;
+    * `_codebook_loss(latents, codes)`: the loss before the entropy term;
+    * `_update_codebook(latents, indices, code_counts, step)`: after each training lookup;
+    * `_write_codes(mask, new_codes, sizes, step)`: how a k-means init or restart sets codes.
+  """
+
+  if TYPE_CHECKING:  # declared by each quantizer, in its own order
+    num_embeddings: int
+    embedding_dim: int
+    commitment_cost: float
+    axis_name: Optional[str]
+    distance_chunk_size: Optional[int]
+    return_encodings: bool
+    return_distances: bool
+
+  # ---- Field checks and feature switches. ----
+
+  def _check_common_fields(self) -> None:
+    if not isinstance(self.num_embeddings, int) or self.num_embeddings < 1:
+      raise ValueError(f'num_embeddings must be an integer >= 1, got {self.num_embeddings!r}.')
+    if not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
+      raise ValueError(f'embedding_dim must be an integer >= 1, got {self.embedding_dim!r}.')
+    if self.commitment_cost < 0:
+      raise ValueError(f'commitment_cost must be >= 0, got {self.commitment_cost!r}.')
+    if self.distance_chunk_size is not None and self.distance_chunk_size < 1:
+      raise ValueError(
+          f'distance_chunk_size must be None or >= 1, got {self.distance_chunk_size!r}.')
+    if self.codebook_init not in CODEBOOK_INITS:
+      raise ValueError(f'codebook_init must be one of {CODEBOOK_INITS}, got '
+                       f'{self.codebook_init!r}.')
+    if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 0:
+      raise ValueError(f'kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}.')
+    if self.dead_code_threshold < 0:
+      raise ValueError(f'dead_code_threshold must be >= 0 (0 disables restarts), got '
+                       f'{self.dead_code_threshold!r}.')
+    if not 0.0 <= self.usage_decay < 1.0:
+      raise ValueError(f'usage_decay must be in [0, 1), got {self.usage_decay!r}.')
+    if self.codebook_dim is not None and (not isinstance(self.codebook_dim, int) or
+                                          self.codebook_dim < 1):
+      raise ValueError(f'codebook_dim must be None or an integer >= 1, got '
+                       f'{self.codebook_dim!r}.')
+    if self.entropy_weight < 0:
+      raise ValueError(f'entropy_weight must be >= 0, got {self.entropy_weight!r}.')
+    if not self.entropy_temperature > 0:
+      raise ValueError(f'entropy_temperature must be > 0, got {self.entropy_temperature!r}.')
+
+  @property
+  def _restarts_dead_codes(self) -> bool:
+    return self.dead_code_threshold > 0
+
+  @property
+  def _tracks_usage(self) -> bool:
+    return self.track_usage or self._restarts_dead_codes
+
+  @property
+  def _writes_codes(self) -> bool:
+    """Whether training calls overwrite codes with data (k-means init or restarts)."""
+    return self.codebook_init == 'kmeans' or self._restarts_dead_codes
+
+  @property
+  def _has_codebook_state(self) -> bool:
+    return self._tracks_usage or self._writes_codes
+
+  @property
+  def _code_dim(self) -> int:
+    """C: the size of the codes, `codebook_dim` when the lookup is projected, else D."""
+    return self.embedding_dim if self.codebook_dim is None else self.codebook_dim
+
+  def _setup_codebook_options(self, needs_counter: bool) -> None:
+    """Declares the projections and the state the codebook options need (nothing by default).
+
+    State, float32 unless said, in `batch_stats`:
+      * `counter` `[]` int32: training calls so far (k-means runs at 0; debiasing uses it).
+      * `code_usage` `[K]`: zero-debiased EMA of per-batch code counts (see
+        `codebook.update_usage`); with `track_usage` or `dead_code_threshold > 0`.
+    """
+    if self.codebook_dim is not None:
+      # float32 and full precision: the codes are decided in this space.
+      self.project_in = nn.Dense(self.codebook_dim, dtype=jnp.float32,
+                                 precision=lax.Precision.HIGHEST)
+      self.project_out = nn.Dense(self.embedding_dim, dtype=jnp.float32,
+                                  precision=lax.Precision.HIGHEST)
+    self.counter = (self.variable('batch_stats', 'counter', jnp.zeros, (), jnp.int32)
+                    if needs_counter else None)
+    if self._tracks_usage:
+      self.code_usage = self.variable('batch_stats', 'code_usage', jnp.zeros,
+                                      (self.num_embeddings,), jnp.float32)
+
+  # ---- The forward pass. ----
+
+  def _flatten(self, inputs: Array) -> Array:
+    if inputs.ndim < 1 or inputs.shape[-1] != self.embedding_dim:
+      raise ValueError(f'{type(self).__name__} expects inputs of shape [..., '
+                       f'{self.embedding_dim}] (embedding_dim), got shape '
+                       f'{tuple(inputs.shape)}.')
+    if not jnp.issubdtype(inputs.dtype, jnp.floating):
+      raise TypeError(f'{type(self).__name__} expects floating-point inputs, got '
+                      f'{inputs.dtype}.')
+    return inputs.reshape(-1, self.embedding_dim).astype(jnp.float32)
+
+  def _to_code_space(self, flat_inputs: Array) -> Array:
+    """`[N, D]` inputs -> `[N, C]` latents, the vectors that are actually quantized."""
+    latents = flat_inputs
+    if self.codebook_dim is not None:
+      latents = self.project_in(latents)
+    if self.cosine_codes:
+      latents = l2_normalize(latents)
+    return latents
+
+  def _from_code_space(self, codes: Array) -> Array:
+    """`[..., C]` codes -> `[..., D]`."""
+    return codes if self.codebook_dim is None else self.project_out(codes)
+
+  def _codes_in_use(self, stored_codebook: Array) -> Array:
+    """The stored codebook as the lookup uses it: unit rows for cosine codes."""
+    return l2_normalize(stored_codebook) if self.cosine_codes else stored_codebook
+
+  def _lookup(self, latents: Array, codebook: Array):
+    """Nearest codes and the batch statistics shared by both quantizers."""
+    if self.return_distances or self.entropy_weight > 0:  # the entropy term needs all of them
+      distances = squared_distances(latents, codebook)
+      indices = nearest_in_distances(distances)
+    else:
+      distances = None
+      indices = nearest_code(latents, codebook, self.distance_chunk_size)
+    codes = jnp.take(codebook, indices, axis=0)
+    code_counts = jnp.zeros((self.num_embeddings,), jnp.float32).at[indices].add(1.0)
+    if self.axis_name is not None:
+      code_counts = lax.psum(code_counts, self.axis_name)
+    return indices, codes, code_counts, distances
+
+  def _check_training_call(self) -> None:
+    if not self.is_mutable_collection('batch_stats'):
+      raise ValueError(f"{type(self).__name__} with train=True updates its state: call "
+                       f"apply(..., mutable=['batch_stats']), or pass train=False.")
+    if self._writes_codes and not self.has_rng('codebook'):
+      raise ValueError(f"{type(self).__name__} with codebook_init={self.codebook_init!r} and "
+                       f"dead_code_threshold={self.dead_code_threshold!r} draws random codes "
+                       f"when training: pass rngs={{'codebook': key}} to apply (a new key each "
+                       f"step).")
+
+  def _kmeans_init(self, key: Array, latents: Array) -> None:
+    """On the first training call (counter 0), sets every code to k-means centres of the batch.
+
+    Inside `shard_map` the points are the global batch, gathered inside the branch that runs
+    only once, so later steps pay nothing for it.
+    """
+    first_call = self.counter.value == 0
+    num_codes = self.num_embeddings
+
+    def centres_of_batch():
+      points_key, kmeans_key = jax.random.split(key)
+      num_points = global_row_count(latents.shape[0], self.axis_name)
+      # A permutation of the whole global batch: inside shard_map, the gather of all of it.
+      points = sample_global_rows(points_key, latents, num_points, self.axis_name)
+      return kmeans(kmeans_key, points, num_codes, self.kmeans_iters,
+                    normalize=self.cosine_codes)
+
+    def unchanged():
+      return (jnp.zeros((num_codes, latents.shape[1]), jnp.float32),
+              jnp.zeros((num_codes,), jnp.float32))
+
+    centres, sizes = lax.cond(first_call, centres_of_batch, unchanged)
+    self._write_codes(jnp.broadcast_to(first_call, (num_codes,)), centres, sizes,
+                      self.counter.value)
+
+  def _restart_dead_codes(self, key: Array, latents: Array, code_usage: Array,
+                          step: Array) -> Array:
+    """Replaces codes with `code_usage < dead_code_threshold` by vectors of the global batch.
+
+    The restarted codes' usage (and, for the EMA quantizer, their cluster size) is set to the
+    threshold: they count as just alive, so a code that catches no vector is redrawn next step.
+
+    Returns:
+      float32 `[K]`, the usage after the restart.
+    """
+    threshold = jnp.float32(self.dead_code_threshold)
+    dead = code_usage < threshold
+    candidates = sample_global_rows(key, latents, self.num_embeddings, self.axis_name)
+    self._write_codes(dead, candidates, jnp.full_like(code_usage, threshold), step)
+    return jnp.where(dead, threshold, code_usage)
+
+  def _quantize(self, inputs: Array, train: bool) -> QuantizerOutput:
+    """The whole call of either quantizer: see `VectorQuantizer.__call__`."""
+    flat_inputs = self._flatten(inputs)
+    latents = self._to_code_space(flat_inputs)
+    updating = train and self.has_training_state and not self.is_initializing()
+    if updating:
+      self._check_training_call()
+      if not flat_inputs.shape[0]:
+        # Counts, EMA sums and k-means points of nothing: NaN statistics or out-of-range
+        # samples.
+        raise ValueError(f'{type(self).__name__} with train=True needs at least one input '
+                         f'vector, got inputs of shape {tuple(inputs.shape)}.')
+      if self._writes_codes:
+        kmeans_key, restart_key = jax.random.split(self.make_rng('codebook'))
+      # What is written into the state (centres, restarted codes, EMA sums) carries no gradient.
+      detached_latents = lax.stop_gradient(latents)
+      if self.codebook_init == 'kmeans':
+        self._kmeans_init(kmeans_key, detached_latents)
+    codebook = self.codebook  # read after the k-means init, so this call uses the centres
+    indices, codes, code_counts, distances = self._lookup(latents, codebook)
+    if updating:
+      step = None if self.counter is None else self.counter.value + 1
+      self._update_codebook(detached_latents, indices, code_counts, step)
+      if self._tracks_usage:
+        code_usage = update_usage(self.code_usage.value, code_counts, self.usage_decay, step)
+        if self._restarts_dead_codes:
+          code_usage = self._restart_dead_codes(restart_key, detached_latents, code_usage, step)
+        self.code_usage.value = code_usage
+      if step is not None:
+        self.counter.value = step
+    loss = self._codebook_loss(latents, codes)
+    if self.entropy_weight > 0:
+      loss = loss + self.entropy_weight * batch_usage_entropy_loss(
+          distances, self.entropy_temperature, self.axis_name)
+
+    straight_through = latents + lax.stop_gradient(codes - latents)
+    quantized = self._from_code_space(straight_through)
+    return QuantizerOutput(
+        quantized=quantized.reshape(inputs.shape).astype(inputs.dtype),
+        loss=loss,
+        perplexity=perplexity_from_counts(code_counts),
+        indices=indices.reshape(inputs.shape[:-1]),
+        code_counts=code_counts,
+        encodings=(jax.nn.one_hot(indices, self.num_embeddings, dtype=jnp.float32)
+                   if self.return_encodings else None),
+        distances=distances if self.return_distances else None)
+
+  # ---- Codes to vectors. ----
 
   def embed(self, indices: Array) -> Array:
     """The codes at `indices`.
@@ -390,10 +402,26 @@ class _CodeLookup:
         device sync: there an out-of-range index, negative ones included, gives a row of NaN,
         never a valid code.
     """
-    return _from_code_space(self, _codes_at(self, indices))
+    indices = jnp.asarray(indices) if not hasattr(indices, 'dtype') else indices
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+      raise TypeError(f'{type(self).__name__}.embed: codes must be integers in [0, '
+                      f'{self.num_embeddings}), got dtype {indices.dtype}.')
+    num_codes = self.num_embeddings
+    concrete = _concrete_value(indices)
+    if concrete is not None and concrete.size:
+      out_of_range = (concrete < 0) | (concrete >= num_codes)
+      if out_of_range.any():
+        bad = concrete[out_of_range]
+        raise ValueError(f'{type(self).__name__}.embed: got code {int(bad[0])} ({bad.size} of '
+                         f'{concrete.size} codes are out of range); codes must be in [0, '
+                         f'{num_codes}) (num_embeddings={num_codes}).')
+    # `take` wraps negative indices (Python style); send them past the end so they fill too.
+    indices = jnp.where(indices < 0, num_codes, indices)
+    codes = jnp.take(self.codebook, indices, axis=0, mode='fill', fill_value=jnp.nan)
+    return self._from_code_space(codes)
 
 
-class VectorQuantizer(_CodeLookup, CodebookOptions):
+class VectorQuantizer(_VectorQuantizerBase):
   """The seed's `VectorQuantizer` (van den Oord et al. 2017), with a learned codebook.
 
   The codebook is the param `embedding`, `[K, C]` (`C = codebook_dim or D`), initialised
@@ -429,17 +457,17 @@ class VectorQuantizer(_CodeLookup, CodebookOptions):
   return_distances: bool = False
 
   def __post_init__(self):
-    _check_common(self)
+    self._check_common_fields()
     super().__post_init__()
 
   def setup(self):
     limit = 1.0 / self.num_embeddings
-    shape = (self.num_embeddings, _code_dim(self))
+    shape = (self.num_embeddings, self._code_dim)
     self.embedding = self.param(
         'embedding',
         lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -limit, limit), shape)
-    _setup_codebook_options(self, needs_counter=_has_codebook_state(self))
-    if _writes_codes(self):
+    self._setup_codebook_options(needs_counter=self._has_codebook_state)
+    if self._writes_codes:
       self.codebook_offset = self.variable('batch_stats', 'codebook_offset', jnp.zeros, shape,
                                            jnp.float32)
 
@@ -459,12 +487,12 @@ class VectorQuantizer(_CodeLookup, CodebookOptions):
       ValueError: `inputs` do not end in D; or a training call that updates state lacks
         `mutable=['batch_stats']` or the `'codebook'` rng.
     """
-    return _quantize(self, inputs, train)
+    return self._quantize(inputs, train)
 
   @property
   def has_training_state(self) -> bool:
     """Whether `train=True` updates `batch_stats`."""
-    return _has_codebook_state(self)
+    return self._has_codebook_state
 
   def _codebook_loss(self, latents: Array, codes: Array) -> Array:
     q_latent = _mse(codes, lax.stop_gradient(latents))
@@ -488,12 +516,12 @@ class VectorQuantizer(_CodeLookup, CodebookOptions):
   def codebook(self) -> Array:
     """The `[K, C]` codebook in use: `embedding (+ codebook_offset)`, unit rows if cosine."""
     stored = self.embedding
-    if _writes_codes(self):
+    if self._writes_codes:
       stored = stored + self.codebook_offset.value
-    return _codes_in_use(self, stored)
+    return self._codes_in_use(stored)
 
 
-class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
+class VectorQuantizerEMA(_VectorQuantizerBase):
   """The seed's `VectorQuantizerEMA`: codes are exponential moving averages of their inputs.
 
   State, all float32 in the mutable `batch_stats` collection (`C = codebook_dim or D`):
@@ -556,7 +584,7 @@ class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
   return_distances: bool = False
 
   def __post_init__(self):
-    _check_common(self)
+    self._check_common_fields()
     if not 0.0 <= self.decay < 1.0:
       raise ValueError(f'decay must be in [0, 1), got {self.decay!r}.')
     if self.epsilon < 0:
@@ -564,7 +592,7 @@ class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
     super().__post_init__()
 
   def setup(self):
-    shape = (self.num_embeddings, _code_dim(self))
+    shape = (self.num_embeddings, self._code_dim)
     self.embedding = self.variable(
         'batch_stats', 'embedding',
         lambda: jax.random.normal(self.make_rng('params'), shape, jnp.float32))
@@ -576,7 +604,7 @@ class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
       self.ema_w = self.variable(
           'batch_stats', 'ema_w',
           lambda: jax.random.normal(self.make_rng('params'), shape, jnp.float32))
-    _setup_codebook_options(self, needs_counter=self.zero_debias or _has_codebook_state(self))
+    self._setup_codebook_options(needs_counter=self.zero_debias or self._has_codebook_state)
 
   def __call__(self, inputs: Array, train: bool = False) -> QuantizerOutput:
     """Quantizes `inputs` and, with `train=True`, updates the EMA state.
@@ -593,7 +621,7 @@ class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
     Raises:
       ValueError: as `VectorQuantizer.__call__`.
     """
-    return _quantize(self, inputs, train)
+    return self._quantize(inputs, train)
 
   @property
   def has_training_state(self) -> bool:
@@ -650,7 +678,7 @@ class VectorQuantizerEMA(_CodeLookup, CodebookOptions):
   @property
   def codebook(self) -> Array:
     """The `[K, C]` codebook in use (unit rows if `cosine_codes`)."""
-    return _codes_in_use(self, self.embedding.value)
+    return self._codes_in_use(self.embedding.value)
 
 
 def merge_codebook_offset(variables: Mapping[str, Any],
@@ -674,26 +702,6 @@ def merge_codebook_offset(variables: Mapping[str, Any],
   flat[embedding_key] = flat[embedding_key] + flat[offset_key]
   flat[offset_key] = jnp.zeros_like(flat[offset_key])
   return traverse_util.unflatten_dict(flat)
-
-
-def _codes_at(module: Any, indices: Array) -> Array:
-  """`module.codebook[indices]`, `[..., C]`, checked as `embed` documents."""
-  indices = jnp.asarray(indices) if not hasattr(indices, 'dtype') else indices
-  if not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise TypeError(f'{type(module).__name__}.embed: codes must be integers in [0, '
-                    f'{module.num_embeddings}), got dtype {indices.dtype}.')
-  num_codes = module.num_embeddings
-  concrete = _concrete_value(indices)
-  if concrete is not None and concrete.size:
-    out_of_range = (concrete < 0) | (concrete >= num_codes)
-    if out_of_range.any():
-      bad = concrete[out_of_range]
-      raise ValueError(f'{type(module).__name__}.embed: got code {int(bad[0])} ({bad.size} of '
-                       f'{concrete.size} codes are out of range); codes must be in [0, '
-                       f'{num_codes}) (num_embeddings={num_codes}).')
-  # `take` wraps negative indices (Python style); send them past the end so they fill too.
-  indices = jnp.where(indices < 0, num_codes, indices)
-  return jnp.take(module.codebook, indices, axis=0, mode='fill', fill_value=jnp.nan)
 
 
 def _concrete_value(array: Any) -> Optional[np.ndarray]:

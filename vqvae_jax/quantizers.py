@@ -62,7 +62,7 @@ Array = jax.Array
 
 # Re-exported: these lived here first and other modules import them from here.
 __all__ = ['CodebookOptions', 'QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA',
-           'merge_codebook_offset', 'nearest_code', 'num_codes_used', 'perplexity_from_counts',
+           'check_codes', 'merge_codebook_offset', 'nearest_code', 'num_codes_used', 'perplexity_from_counts',
            'squared_distances']
 
 CODEBOOK_INITS = ('seed', 'kmeans')
@@ -402,19 +402,8 @@ class _VectorQuantizerBase(CodebookOptions):
         device sync: there an out-of-range index, negative ones included, gives a row of NaN,
         never a valid code.
     """
-    indices = jnp.asarray(indices) if not hasattr(indices, 'dtype') else indices
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-      raise TypeError(f'{type(self).__name__}.embed: codes must be integers in [0, '
-                      f'{self.num_embeddings}), got dtype {indices.dtype}.')
+    indices = check_codes(indices, self.num_embeddings, f'{type(self).__name__}.embed')
     num_codes = self.num_embeddings
-    concrete = _concrete_value(indices)
-    if concrete is not None and concrete.size:
-      out_of_range = (concrete < 0) | (concrete >= num_codes)
-      if out_of_range.any():
-        bad = concrete[out_of_range]
-        raise ValueError(f'{type(self).__name__}.embed: got code {int(bad[0])} ({bad.size} of '
-                         f'{concrete.size} codes are out of range); codes must be in [0, '
-                         f'{num_codes}) (num_embeddings={num_codes}).')
     # `take` wraps negative indices (Python style); send them past the end so they fill too.
     indices = jnp.where(indices < 0, num_codes, indices)
     codes = jnp.take(self.codebook, indices, axis=0, mode='fill', fill_value=jnp.nan)
@@ -702,6 +691,37 @@ def merge_codebook_offset(variables: Mapping[str, Any],
   flat[embedding_key] = flat[embedding_key] + flat[offset_key]
   flat[offset_key] = jnp.zeros_like(flat[offset_key])
   return traverse_util.unflatten_dict(flat)
+
+
+def check_codes(indices: Any, num_codes: int, where: str) -> Array:
+  """`indices` as an integer array, checked as every quantizer's `embed` documents.
+
+  Args:
+    indices: integer array-like `[...]`.
+    num_codes: the codes must lie in `[0, num_codes)`.
+    where: who is checking, for the messages (e.g. `'FSQ.embed'`).
+
+  Returns:
+    `indices` as a JAX or numpy integer array, unchanged.
+
+  Raises:
+    TypeError: `indices` are not integers.
+    ValueError: concrete `indices` (not traced) hold a value outside `[0, num_codes)`; the
+      message names it. Traced ones cannot be checked without a device sync: the caller says
+      what an out-of-range code gives there.
+  """
+  indices = jnp.asarray(indices) if not hasattr(indices, 'dtype') else indices
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise TypeError(f'{where}: codes must be integers in [0, {num_codes}), got dtype '
+                    f'{indices.dtype}.')
+  concrete = _concrete_value(indices)
+  if concrete is not None and concrete.size:
+    out_of_range = (concrete < 0) | (concrete >= num_codes)
+    if out_of_range.any():
+      bad = concrete[out_of_range]
+      raise ValueError(f'{where}: got code {int(bad[0])} ({bad.size} of {concrete.size} codes '
+                       f'are out of range); codes must be in [0, {num_codes}).')
+  return indices
 
 
 def _concrete_value(array: Any) -> Optional[np.ndarray]:

@@ -280,11 +280,12 @@ def test_bfloat16_layers_sum_their_bias_gradient_in_float32(layer):
 def test_every_codebook_option_reaches_the_quantizer():
   """`VQVAE` declares the quantizers' codebook options and passes each one on, by name."""
   from vqvae_jax.quantizers import CODEBOOK_OPTIONS, VectorQuantizer, VectorQuantizerEMA  # pylint: disable=g-import-not-at-top
-  for module in (VQVAE, VectorQuantizer, VectorQuantizerEMA):
+  from vqvae_jax.residual import ResidualVQ  # pylint: disable=g-import-not-at-top
+  for module in (VQVAE, VectorQuantizer, VectorQuantizerEMA, ResidualVQ):
     assert set(CODEBOOK_OPTIONS) <= set(module.__dataclass_fields__), module.__name__
   options = dict(codebook_init='kmeans', kmeans_iters=3, dead_code_threshold=0.5,
                  usage_decay=0.9, track_usage=True, cosine_codes=True, codebook_dim=4,
-                 entropy_weight=0.1, entropy_temperature=2.0)
+                 entropy_weight=0.1, entropy_temperature=2.0, rotation_trick=True)
   assert set(options) == set(CODEBOOK_OPTIONS)
   for decay in (0.0, 0.99):
     model = VQVAE(**SMALL, decay=decay, **options)

@@ -62,8 +62,8 @@ Array = jax.Array
 
 # Re-exported: these lived here first and other modules import them from here.
 __all__ = ['CodebookOptions', 'QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA',
-           'check_codes', 'merge_codebook_offset', 'nearest_code', 'num_codes_used', 'perplexity_from_counts',
-           'squared_distances']
+           'check_codes', 'merge_codebook_offset', 'rotation_trick', 'nearest_code',
+           'num_codes_used', 'perplexity_from_counts', 'squared_distances']
 
 CODEBOOK_INITS = ('seed', 'kmeans')
 
@@ -128,6 +128,9 @@ class CodebookOptions(nn.Module, kw_only=True):
     entropy_weight: weight of the batch code-usage entropy penalty added to `loss`
       (`codebook.batch_usage_entropy_loss`); 0 disables it.
     entropy_temperature: softmax temperature of that penalty's soft assignments.
+    rotation_trick: pass gradients to the latents by the rotation trick (Fifty et al. 2024)
+      instead of the straight-through estimator; forward values are unchanged (see
+      `rotation_trick`).
   """
 
   codebook_init: str = 'seed'
@@ -139,6 +142,7 @@ class CodebookOptions(nn.Module, kw_only=True):
   codebook_dim: Optional[int] = None
   entropy_weight: float = 0.0
   entropy_temperature: float = 1.0
+  rotation_trick: bool = False
 
 
 # Their names, for passing them on: `VQVAE` hands each one to its quantizer.
@@ -371,7 +375,10 @@ class _VectorQuantizerBase(CodebookOptions):
       loss = loss + self.entropy_weight * batch_usage_entropy_loss(
           distances, self.entropy_temperature, self.axis_name)
 
-    straight_through = latents + lax.stop_gradient(codes - latents)
+    if self.rotation_trick:
+      straight_through = rotation_trick(latents, codes)
+    else:
+      straight_through = latents + lax.stop_gradient(codes - latents)
     quantized = self._from_code_space(straight_through)
     return QuantizerOutput(
         quantized=quantized.reshape(inputs.shape).astype(inputs.dtype),
@@ -382,6 +389,11 @@ class _VectorQuantizerBase(CodebookOptions):
         encodings=(jax.nn.one_hot(indices, self.num_embeddings, dtype=jnp.float32)
                    if self.return_encodings else None),
         distances=distances if self.return_distances else None)
+
+  @property
+  def codebook_size(self) -> int:
+    """K: how many values an index takes."""
+    return self.num_embeddings
 
   # ---- Codes to vectors. ----
 
@@ -668,6 +680,41 @@ class VectorQuantizerEMA(_VectorQuantizerBase):
   def codebook(self) -> Array:
     """The `[K, C]` codebook in use (unit rows if `cosine_codes`)."""
     return self._codes_in_use(self.embedding.value)
+
+
+def rotation_trick(latents: Array, codes: Array) -> Array:
+  """The codes, with the rotation trick's gradient to the latents (Fifty et al. 2024, "Restructuring
+  Vector Quantization with the Rotation Trick", section 4.2, the Householder form).
+
+  With `e` a latent, `q` its code, `e^ = e/|e|`, `q^ = q/|q|`, `r = (e^ + q^)/|e^ + q^|` and
+  `lambda = |q|/|e|`, the rotation `R = I - 2 r r^T + 2 q^ e^^T` maps `e^` to `q^`, so
+  `lambda R e = q`. The output is that value with `lambda`, `R` treated as constants: the
+  gradient a loss sends to `e` is `lambda R^T g` where straight-through sends `g`. The forward
+  value is `q` exactly (`sg(q) + (x - sg(x))`), so rounding in the rotation never changes it.
+  Rows where `e = 0`, `q = 0` or `e^ = -q^` have no rotation; they get the straight-through
+  gradient.
+
+  Args:
+    latents: float32 `[N, C]`, the vectors that were quantized.
+    codes: float32 `[N, C]`, their codes (they get no gradient from this output).
+
+  Returns:
+    float32 `[N, C]`: `codes` in value.
+  """
+  codes = lax.stop_gradient(codes)
+  tiny = jnp.float32(1e-12)
+  e_norm = jnp.linalg.norm(latents, axis=-1, keepdims=True)
+  q_norm = jnp.linalg.norm(codes, axis=-1, keepdims=True)
+  e_hat = lax.stop_gradient(latents / jnp.maximum(e_norm, tiny))
+  q_hat = codes / jnp.maximum(q_norm, tiny)
+  r_norm = jnp.linalg.norm(e_hat + q_hat, axis=-1, keepdims=True)
+  r = (e_hat + q_hat) / jnp.maximum(r_norm, tiny)
+  scale = lax.stop_gradient(q_norm / jnp.maximum(e_norm, tiny))
+  dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
+  rotated = scale * (latents - 2 * r * dot(r, latents) + 2 * q_hat * dot(e_hat, latents))
+  degenerate = (lax.stop_gradient(e_norm) < 1e-6) | (q_norm < 1e-6) | (r_norm < 1e-6)
+  rotated = jnp.where(degenerate, latents, rotated)
+  return codes + (rotated - lax.stop_gradient(rotated))
 
 
 def merge_codebook_offset(variables: Mapping[str, Any],

@@ -37,14 +37,15 @@ def _config_file(argv):
 def _load_config(path: str):
   """The config file's `get_config()`, loaded as ml_collections loads it (which would fail with
   a traceback); a file that cannot be loaded is a user error."""
-  file_path = path.split(':', 1)[0]  # ml_collections passes what follows a ':' to get_config
+  # ml_collections passes what follows a ':' to get_config, e.g. 'quickstart.py:fsq'.
+  file_path, has_arg, arg = path.partition(':')
   try:
     spec = importlib.util.spec_from_file_location('config', file_path)
     if spec is None:
       raise ImportError('not a Python file')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if has_arg else module.get_config()
   except Exception as e:  # pylint: disable=broad-except  # the user's file, whatever it raises
     fail(f'--config {file_path} could not be loaded ({type(e).__name__}: {e}); accepted: a '
           f'Python file with a get_config() that returns a ConfigDict, such as '

@@ -17,25 +17,38 @@ from vqvae_jax import VQVAE
 from vqvae_jax.codebook import usage_metrics
 
 
+def _pre_quantization_output(module: Any, method_name: str) -> bool:
+  return module.name == 'pre_vq_conv' and method_name == '__call__'
+
+
 def make_eval_step(model: VQVAE) -> Callable[..., Dict[str, jax.Array]]:
   """`eval_step(variables, images_uint8[B, ...], weights[B]) -> sums`, not yet jitted.
 
   `weights` is 1 for real images and 0 for the padding that fills the last batch, so the sums
-  cover the split exactly.
+  cover the split exactly. `code_counts` is `[S * K]`: `S = model.codes_per_position` stages
+  of `K = model.codebook_size` codes, stage after stage.
   """
+  stages, codebook_size = model.codes_per_position, model.codebook_size
 
   def eval_step(variables, images_uint8, weights):
     images = to_model_input(images_uint8)
-    recon, vq = model.apply(variables, images, train=False)
+    # The latents z come out of the same forward pass, for the quantization error.
+    (recon, vq), captured = model.apply(variables, images, train=False,
+                                        capture_intermediates=_pre_quantization_output)
+    latents = captured['intermediates']['pre_vq_conv']['__call__'][0].astype(jnp.float32)
     per_image = lambda x: jnp.mean(jnp.square(x - images), axis=(1, 2, 3))
-    codes = vq.indices.reshape(len(images), -1)
-    code_weights = jnp.broadcast_to(weights[:, None], codes.shape)
+    per_latent_image = lambda x: jnp.sum(jnp.square(x), axis=(1, 2, 3))
+    codes = vq.indices.reshape(len(images), -1, stages) + codebook_size * jnp.arange(stages)
+    code_weights = jnp.broadcast_to(weights[:, None, None], codes.shape)
     return {
         'squared_error': jnp.sum(per_image(recon) * weights),
         # PSNR is for displayable images: reconstructions clipped to the pixel range.
         'clipped_squared_error': jnp.sum(per_image(jnp.clip(recon, -0.5, 0.5)) * weights),
+        'quantization_error': jnp.sum(
+            per_latent_image(vq.quantized.astype(jnp.float32) - latents) * weights),
+        'latent_energy': jnp.sum(per_latent_image(latents) * weights),
         'code_counts': jax.ops.segment_sum(code_weights.reshape(-1), codes.reshape(-1),
-                                           num_segments=model.num_embeddings),
+                                           num_segments=stages * codebook_size),
     }
 
   return eval_step
@@ -61,7 +74,11 @@ class Evaluator:
     Returns:
       `eval_nmse` (MSE / training variance, the seed's recon_error), `eval_psnr` (dB, pixel
       range 1), `eval_perplexity`, `eval_codes_used`, `eval_dead_codes` over the whole split,
-      and `code_counts` (`[K]` numpy) for the usage histogram.
+      `eval_quantization_error` (`sum |z - q|^2 / sum |z|^2` over the split's latents z and
+      their codes q), and `code_counts` (`[K]` numpy; `[S, K]` for `S` codes per position)
+      for the usage histogram. With several codes per position (residual VQ),
+      `eval_codes_used` and `eval_dead_codes` add up the stages, `eval_perplexity` is their
+      mean, and `eval_codes_used_stage{i}` gives each stage's.
     """
     totals = None
     for start in range(0, len(images), self.batch_size):
@@ -76,15 +93,19 @@ class Evaluator:
     totals = jax.device_get(totals)
     mse = totals['squared_error'] / len(images)
     clipped_mse = totals['clipped_squared_error'] / len(images)
-    counts = totals['code_counts']
-    usage = usage_metrics(counts)
+    counts = totals['code_counts'].reshape(self.model.codes_per_position, -1)
+    usage = [usage_metrics(stage_counts) for stage_counts in counts]
     return {
         'eval_nmse': float(mse / variance),
         'eval_psnr': float(10 * np.log10(1.0 / max(clipped_mse, 1e-12))),
-        'eval_perplexity': float(usage['perplexity']),
-        'eval_codes_used': int(usage['codes_used']),
-        'eval_dead_codes': int(usage['dead_codes']),
-        'code_counts': np.asarray(counts),
+        'eval_perplexity': float(np.mean([stage['perplexity'] for stage in usage])),
+        'eval_codes_used': int(sum(stage['codes_used'] for stage in usage)),
+        'eval_dead_codes': int(sum(stage['dead_codes'] for stage in usage)),
+        'eval_quantization_error': float(totals['quantization_error'] /
+                                         max(totals['latent_energy'], 1e-30)),
+        **({f'eval_codes_used_stage{i}': int(stage['codes_used'])
+            for i, stage in enumerate(usage)} if len(usage) > 1 else {}),
+        'code_counts': np.asarray(counts if len(counts) > 1 else counts[0]),
     }
 
   def reconstructions(self, variables: Any, images: np.ndarray) -> np.ndarray:
@@ -208,21 +229,26 @@ def write_usage_histogram(path: str, code_counts: np.ndarray, step: int,
 
   Args:
     path: where to write the PNG.
-    code_counts: `[K]` counts over the held-out split (`Evaluator`'s `code_counts`).
+    code_counts: `[K]` counts over the held-out split (`Evaluator`'s `code_counts`), or
+      `[S, K]` for `S` residual stages: their codes are ranked together.
     step: the training step of the model that was evaluated.
     plot_height: height of the plotting area in pixels.
 
   Returns:
     `(width, height)` of the PNG.
   """
-  counts = np.sort(np.asarray(code_counts, np.float64))[::-1]
+  stage_counts = np.asarray(code_counts, np.float64).reshape(-1, np.shape(code_counts)[-1])
+  counts = np.sort(stage_counts.reshape(-1))[::-1]
   num_codes = len(counts)
-  usage = usage_metrics(jnp.asarray(code_counts))
-  used, dead = int(usage['codes_used']), int(usage['dead_codes'])
+  usage = [usage_metrics(jnp.asarray(stage)) for stage in stage_counts]
+  used = sum(int(stage['codes_used']) for stage in usage)
+  dead = num_codes - used
+  perplexity = np.mean([float(stage['perplexity']) for stage in usage])
   title_font, font = _font(_TITLE_SIZE), _font(_TEXT_SIZE)
   title = f'Code usage on the held-out split, step {step}'
-  subtitle = (f'{used} of {num_codes} codes used, {dead} dead (red: never chosen); '
-              f'perplexity {float(usage["perplexity"]):.1f}')
+  stages = '' if len(stage_counts) == 1 else f' over {len(stage_counts)} stages'
+  subtitle = (f'{used} of {num_codes} codes used{stages}, {dead} dead (red: never chosen); '
+              f'perplexity {perplexity:.1f}{" per stage" if stages else ""}')
   peak = max(float(counts.max()), 1.0)
   y_ticks = _nice_ticks(peak)
   y_top = max(y_ticks[-1], peak)

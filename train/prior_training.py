@@ -301,6 +301,11 @@ def load_vqvae(vqvae_workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, A
                     f'train a new prior in another --workdir.')
   step = step if step is not None else (steps[-1] if steps else None)
   model, variables = load_model(vqvae_workdir, step)
+  if model.codes_per_position != 1:
+    raise UserError(f'the VQ-VAE in {vqvae_workdir} has quantizer={model.quantizer!r}, '
+                    f'{model.codes_per_position} codes per grid position; the prior models one '
+                    f"code per position; accepted: a VQ-VAE with quantizer 'vq', 'ema', 'fsq' "
+                    f"or 'lfq'.")
   return model, variables, step
 
 
@@ -324,14 +329,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   vqvae_variables = jax.device_put(vqvae_variables, NamedSharding(mesh, P()))
   codes = load_or_encode_codes(config, workdir, vqvae, vqvae_variables, vqvae_step, mesh)
   conditional = bool(config.conditional and codes.class_names)
-  prior = prior_from_config(config, vqvae.num_embeddings, codes.train_codes.shape[1:],
+  prior = prior_from_config(config, vqvae.codebook_size, codes.train_codes.shape[1:],
                             len(codes.class_names) if conditional else None)
   if conditional and codes.eval_labels is None and not prior.label_dropout:
     raise UserError('config.model.label_dropout=0, but the held-out codes have no labels, so '
                     'their bits per code need the unconditional model; accepted: '
                     'label_dropout > 0, or --config.conditional=False.')
   write_run_info(workdir, config, {
-      'num_embeddings': vqvae.num_embeddings, 'grid_shape': list(prior.grid_shape),
+      'num_embeddings': vqvae.codebook_size, 'grid_shape': list(prior.grid_shape),
       'class_names': list(codes.class_names) if conditional else [],
       'vqvae_step': codes.vqvae_step}, identity_keys=IDENTITY_KEYS)
   tx = make_optimizer(config)

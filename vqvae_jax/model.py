@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqvae_jax.fsq import FSQ
 from vqvae_jax.layers import Conv, ConvTranspose4x4s2, ResidualStack
+from vqvae_jax.lfq import LFQ
 from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, CodebookOptions, QuantizerOutput,
                                   VectorQuantizer, VectorQuantizerEMA)
+from vqvae_jax.residual import ResidualVQ
 
 Array = jax.Array
 Dtype = Any
@@ -29,6 +33,9 @@ Dtype = Any
 # `zero_debias`, which are EMA settings.
 RECOMMENDED = dict(decay=0.99, zero_debias=True, codebook_init='kmeans', kmeans_iters=10,
                    dead_code_threshold=0.25, usage_decay=0.99)
+
+# `VQVAE.quantizer`: the quantizer families. None keeps the seed's rule (`decay`).
+QUANTIZERS = ('vq', 'ema', 'fsq', 'lfq', 'rvq')
 
 
 class Encoder(nn.Module):
@@ -83,6 +90,19 @@ class VQVAE(CodebookOptions):
   for its converted weights (see `vqvae_jax.convert`). `decay == 0` selects `VectorQuantizer`
   (codebook in `params`), `decay > 0` selects `VectorQuantizerEMA` (codebook in `batch_stats`).
 
+  `quantizer` picks another family instead; each reads only the fields listed for it:
+    * `'vq'`, `'ema'`: `VectorQuantizer` / `VectorQuantizerEMA` (`num_embeddings`,
+      `embedding_dim`, `commitment_cost`, and for `'ema'` `decay > 0`, `epsilon`,
+      `zero_debias`; the codebook options).
+    * `'fsq'`: `FSQ(fsq_levels)`; `embedding_dim` must be `len(fsq_levels)`. No codebook, no
+      auxiliary loss; the codebook options must stay off.
+    * `'lfq'`: `LFQ(embedding_dim, commitment_cost, lfq_entropy_weight,
+      lfq_entropy_temperature, lfq_entropy_groups)`: `2^embedding_dim` implied codes. The
+      codebook options must stay off.
+    * `'rvq'`: `ResidualVQ(num_quantizers, num_embeddings, embedding_dim, ...)`: EMA stages when
+      `decay > 0`, else plain ones; `quantizer_dropout`; the codebook options apply per stage.
+      Its code grids are `[B, h, w, num_quantizers]`.
+
   Attributes:
     num_hiddens: channels of the encoder and decoder (the seed's 128).
     num_residual_layers: residual blocks in each stack (2).
@@ -101,6 +121,11 @@ class VQVAE(CodebookOptions):
       the losses and the returned reconstructions are float32 regardless.
     axis_name: inside `shard_map`, the batch axis for the quantizer's statistics.
     distance_chunk_size: see `VectorQuantizer`.
+    quantizer: one of `QUANTIZERS`, or None for the seed's rule (`decay`).
+    fsq_levels: FSQ's levels per dimension (`vqvae_jax.fsq.RECOMMENDED_LEVELS`).
+    lfq_entropy_weight, lfq_entropy_temperature, lfq_entropy_groups: see `LFQ`.
+    num_quantizers: residual VQ's stages.
+    quantizer_dropout: residual VQ's per-example stage dropout in training (see `ResidualVQ`).
     The keyword-only codebook options (`codebook_init`, `dead_code_threshold`, ...): the
       quantizer's remedies for codebook collapse, all off by default (see `CodebookOptions` and
       `RECOMMENDED`). Training calls with k-means init or restarts need
@@ -121,6 +146,13 @@ class VQVAE(CodebookOptions):
   dtype: Dtype = jnp.float32
   axis_name: Optional[str] = None
   distance_chunk_size: Optional[int] = None
+  quantizer: Optional[str] = None
+  fsq_levels: Tuple[int, ...] = (8, 8, 8)
+  lfq_entropy_weight: float = 0.1
+  lfq_entropy_temperature: float = 0.01
+  lfq_entropy_groups: Optional[int] = None
+  num_quantizers: int = 2
+  quantizer_dropout: float = 0.0
 
   def __post_init__(self):
     for name in ('num_hiddens', 'num_residual_layers', 'num_residual_hiddens',
@@ -134,6 +166,21 @@ class VQVAE(CodebookOptions):
     if not 0.0 <= self.decay < 1.0:
       raise ValueError(f'decay must be in [0, 1) (0 selects the plain quantizer), got '
                        f'{self.decay!r}.')
+    if self.quantizer is not None and self.quantizer not in QUANTIZERS:
+      raise ValueError(f'quantizer must be one of {QUANTIZERS} or None (the seed\'s rule: '
+                       f'decay), got {self.quantizer!r}.')
+    if self.quantizer == 'ema' and self.decay <= 0:
+      raise ValueError(f"quantizer='ema' needs decay in (0, 1), got {self.decay!r}.")
+    if self.quantizer == 'fsq' and self.embedding_dim != len(self.fsq_levels):
+      raise ValueError(f"quantizer='fsq' quantizes one dimension per level: embedding_dim must "
+                       f'be len(fsq_levels)={len(self.fsq_levels)} (fsq_levels='
+                       f'{tuple(self.fsq_levels)}), got embedding_dim={self.embedding_dim!r}.')
+    if self.quantizer_family in ('fsq', 'lfq'):
+      for name in CODEBOOK_OPTIONS:
+        default = CodebookOptions.__dataclass_fields__[name].default
+        if getattr(self, name) != default:
+          raise ValueError(f'quantizer={self.quantizer!r} has no codebook to remedy: '
+                           f'{name} must stay {default!r}, got {getattr(self, name)!r}.')
     # The quantizer and the residual stacks check their own fields when they are built, at the
     # first init or apply; detached copies built here report a bad value at construction.
     _quantizer(self, parent=None)
@@ -178,22 +225,46 @@ class VQVAE(CodebookOptions):
     vq = self.vq(self.latents(images), train=train)
     return self.decoder(vq.quantized).astype(jnp.float32), vq
 
+  @property
+  def quantizer_family(self) -> str:
+    """The quantizer in use, one of `QUANTIZERS` (`quantizer`, or the seed's rule)."""
+    if self.quantizer is not None:
+      return self.quantizer
+    return 'ema' if self.decay > 0 else 'vq'
+
+  @property
+  def codebook_size(self) -> int:
+    """How many values one code takes: K, `prod(fsq_levels)`, `2^embedding_dim` for LFQ."""
+    family = self.quantizer_family
+    if family == 'fsq':
+      return math.prod(self.fsq_levels)
+    if family == 'lfq':
+      return 2**self.embedding_dim
+    return self.num_embeddings
+
+  @property
+  def codes_per_position(self) -> int:
+    """Codes at each grid position: `num_quantizers` for residual VQ, else 1."""
+    return self.num_quantizers if self.quantizer_family == 'rvq' else 1
+
   def encode(self, images: Array) -> Array:
-    """Images `[B, H, W, C]` -> int32 code grid `[B, H/4, W/4]`. Never updates state."""
+    """Images `[B, H, W, C]` -> int32 code grid `[B, H/4, W/4]` (`[B, H/4, W/4, Q]` for
+    residual VQ). Never updates state."""
     return self.vq(self.latents(images), train=False).indices
 
   def decode(self, codes: Array) -> Array:
     """Images from a code grid.
 
     Args:
-      codes: integer `[B, h, w]`, each in `[0, num_embeddings)`.
+      codes: integer `[B, h, w]` (`[B, h, w, Q]` for residual VQ), each in
+        `[0, codebook_size)`.
 
     Returns:
       float32 `[B, 4h, 4w, image_channels]`.
 
     Raises:
       TypeError: `codes` are not integers.
-      ValueError: concrete `codes` (not traced) hold a value outside `[0, num_embeddings)`;
+      ValueError: concrete `codes` (not traced) hold a value outside `[0, codebook_size)`;
         the message names it. Under `jit` the values are not checked (that would need a device
         sync): an out-of-range code, negative ones included, is looked up as a NaN vector and
         the pixels it reaches decode to NaN, never to a valid image (see `embed` of the
@@ -203,12 +274,25 @@ class VQVAE(CodebookOptions):
 
 
 def _quantizer(model: VQVAE, **module_kwargs) -> nn.Module:
-  """The quantizer of `model`: `VectorQuantizerEMA` when `decay > 0`, else `VectorQuantizer`."""
+  """The quantizer of `model` (see `VQVAE`'s docstring for which fields each family reads)."""
+  family = model.quantizer_family
+  if family == 'fsq':
+    return FSQ(tuple(model.fsq_levels), axis_name=model.axis_name, **module_kwargs)
+  if family == 'lfq':
+    return LFQ(model.embedding_dim, commitment_cost=model.commitment_cost,
+               entropy_weight=model.lfq_entropy_weight,
+               entropy_temperature=model.lfq_entropy_temperature,
+               entropy_groups=model.lfq_entropy_groups, axis_name=model.axis_name,
+               **module_kwargs)
   fields = dict(num_embeddings=model.num_embeddings, embedding_dim=model.embedding_dim,
                 commitment_cost=model.commitment_cost, axis_name=model.axis_name,
                 distance_chunk_size=model.distance_chunk_size,
                 **{name: getattr(model, name) for name in CODEBOOK_OPTIONS}, **module_kwargs)
-  if model.decay > 0:
+  if family == 'rvq':
+    return ResidualVQ(model.num_quantizers, decay=model.decay, epsilon=model.epsilon,
+                      zero_debias=model.zero_debias, quantizer_dropout=model.quantizer_dropout,
+                      **fields)
+  if family == 'ema':
     return VectorQuantizerEMA(decay=model.decay, epsilon=model.epsilon,
                               zero_debias=model.zero_debias, **fields)
   return VectorQuantizer(**fields)

@@ -70,6 +70,15 @@ def prepare_jax(quantizer: str, batch_size: int, dtype: str,
   `steps_per_dispatch` optimizer steps in one call, and the figures are per optimizer step."""
   model = VQVAE(**(model_config or SEED_MODEL), decay=DECAYS[quantizer],
                 dtype=jnp.dtype(dtype))
+  return prepare_model_step(model, quantizer, batch_size, image_size, cpu_peak_gflops,
+                            steps_per_dispatch)
+
+
+def prepare_model_step(model: VQVAE, label: str, batch_size: int, image_size: int = IMAGE_SIZE,
+                       cpu_peak_gflops: Optional[float] = None,
+                       steps_per_dispatch: int = 1) -> Timed:
+  """`prepare_jax` for any `VQVAE`; `label` names it in the measurement's `quantizer`."""
+  quantizer, dtype = label, jnp.dtype(model.dtype).name
   tx = optax.adam(LEARNING_RATE)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(

@@ -14,14 +14,18 @@ full schedule itself (its machines cannot download CIFAR-10). Time: the step run
 images/s on a 2-core CPU with 10 steps per dispatch (benchmarks/cpu.md), so 10k steps of 32
 take about 6 minutes there plus evaluation. Override any key on the command line, e.g. `--config.batch_size=256
 --config.learning_rate=1e-3`.
+
+Another quantizer family at the same 9 bits per code: `--config train/configs/cifar10.py:fsq`
+(or `:lfq`, `:rvq`, `:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizers.py`.
 """
 
 import ml_collections
 
+from train.configs import quantizers
 from vqvae_jax import RECOMMENDED
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data: a tfds image dataset name, 'quickstart' (bundled photos), 'npz:PATH' or 'folder:PATH'.
   config.dataset = 'cifar10'
@@ -57,5 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
       residual_skip='relu',
       dtype='float32',  # convolutions; 'bfloat16' on TPU. Quantizer and losses stay float32.
       **RECOMMENDED,  # decay 0.99 and the codebook remedies
+      rotation_trick=False,
+      # The family (vqvae_jax.QUANTIZERS; None: decay picks 'ema' or 'vq') and its options.
+      quantizer=ml_collections.config_dict.placeholder(str),
+      fsq_levels=(8, 8, 8),
+      lfq_entropy_weight=0.1,
+      lfq_entropy_temperature=0.01,
+      lfq_entropy_groups=ml_collections.config_dict.placeholder(int),
+      num_quantizers=2,
+      quantizer_dropout=0.0,
   ))
-  return config
+  return quantizers.apply(config, quantizer_family)

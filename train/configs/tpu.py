@@ -9,8 +9,8 @@ host feeds its share of every global batch. The quantizer's statistics are float
 from train.configs import cifar10
 
 
-def get_config():
-  config = cifar10.get_config()
+def get_config(quantizer_family: str = ''):
+  config = cifar10.get_config(quantizer_family)
   config.batch_size = 256
   config.learning_rate = 1e-3  # zalando's recipe for batch 256
   config.num_train_steps = 15_000

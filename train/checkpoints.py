@@ -102,7 +102,8 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, facts: Dict[
     The facts the run trains with: the stored ones when resuming.
   """
   path = os.path.join(workdir, RUN_FILE)
-  info = {'config': config.to_dict(), **facts}
+  # Through JSON, so that a tuple (fsq_levels) compares equal to the list it is stored as.
+  info = {'config': json.loads(json.dumps(config.to_dict())), **facts}
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)

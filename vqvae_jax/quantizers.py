@@ -79,7 +79,9 @@ class QuantizerOutput:
       latents)`). Without `codebook_dim` or `cosine_codes` the latents are the inputs.
       With `codebook_dim` this is `project_out` of the straight-through code. With
       `cosine_codes` the latents are the l2-normalised inputs: the codes are unit vectors,
-      and the gradient passes through the normalisation.
+      and the gradient passes through the normalisation. With `rotation_trick=True` the
+      forward value is the code exactly and the latents get the rotation trick's gradient
+      instead (see `rotation_trick`).
     loss: float32 scalar. `q_latent + commitment_cost * e_latent` for `VectorQuantizer`,
       `commitment_cost * e_latent` for `VectorQuantizerEMA`; plus the entropy penalty when
       `entropy_weight > 0`. Inside `shard_map` the squared-error terms are means over this
@@ -104,8 +106,12 @@ class QuantizerOutput:
   distances: Optional[Array] = None
 
 
-def _mse(a: Array, b: Array) -> Array:
-  return jnp.mean(jnp.square(a - b))
+def _mse(a: Array, b: Array, row_mask: Optional[Array] = None) -> Array:
+  """Mean squared error of `[N, C]` arrays; with a float32 `[N]` 0/1 `row_mask`, the rows
+  where it is 0 add nothing but still count in the mean's denominator (`N * C`)."""
+  if row_mask is None:
+    return jnp.mean(jnp.square(a - b))
+  return jnp.sum(row_mask[:, None] * jnp.square(a - b)) / a.size
 
 
 class CodebookOptions(nn.Module, kw_only=True):
@@ -129,8 +135,12 @@ class CodebookOptions(nn.Module, kw_only=True):
       (`codebook.batch_usage_entropy_loss`); 0 disables it.
     entropy_temperature: softmax temperature of that penalty's soft assignments.
     rotation_trick: pass gradients to the latents by the rotation trick (Fifty et al. 2024)
-      instead of the straight-through estimator; forward values are unchanged (see
-      `rotation_trick`).
+      instead of the straight-through estimator: a loss's gradient `g` at a code `q` reaches
+      its latent `e` (in the code space, after `project_in` and the cosine normalisation) as
+      `(|q|/|e|) R^T g`, `R` the rotation taking `e/|e|` to `q/|q|` (see the function
+      `rotation_trick`). Indices, counts, losses (the plain codebook's `q_latent` gradient
+      included) and state updates are unchanged; the forward value of `quantized` is the
+      code exactly, where the default estimator can be an ulp off it.
   """
 
   codebook_init: str = 'seed'
@@ -159,7 +169,8 @@ class _VectorQuantizerBase(CodebookOptions):
   differs between the two codebooks:
     * `codebook`: the `[K, C]` codebook in use;
     * `has_training_state`: whether `train=True` updates `batch_stats`;
-    * `_codebook_loss(latents, codes)`: the loss before the entropy term;
+    * `_codebook_loss(latents, codes, row_mask)`: the loss before the entropy term (rows
+      where the optional `row_mask` is 0 add nothing; see `_quantize`);
     * `_update_codebook(latents, indices, code_counts, step)`: after each training lookup;
     * `_write_codes(mask, new_codes, sizes, step)`: how a k-means init or restart sets codes.
   """
@@ -203,6 +214,8 @@ class _VectorQuantizerBase(CodebookOptions):
       raise ValueError(f'entropy_weight must be >= 0, got {self.entropy_weight!r}.')
     if not self.entropy_temperature > 0:
       raise ValueError(f'entropy_temperature must be > 0, got {self.entropy_temperature!r}.')
+    if not isinstance(self.rotation_trick, (bool, np.bool_)):
+      raise ValueError(f'rotation_trick must be True or False, got {self.rotation_trick!r}.')
 
   @property
   def _restarts_dead_codes(self) -> bool:
@@ -275,8 +288,9 @@ class _VectorQuantizerBase(CodebookOptions):
     """The stored codebook as the lookup uses it: unit rows for cosine codes."""
     return l2_normalize(stored_codebook) if self.cosine_codes else stored_codebook
 
-  def _lookup(self, latents: Array, codebook: Array):
-    """Nearest codes and the batch statistics shared by both quantizers."""
+  def _lookup(self, latents: Array, codebook: Array, row_mask: Optional[Array] = None):
+    """Nearest codes and the batch statistics shared by both quantizers; rows where
+    `row_mask` is 0 are left out of the counts."""
     if self.return_distances or self.entropy_weight > 0:  # the entropy term needs all of them
       distances = squared_distances(latents, codebook)
       indices = nearest_in_distances(distances)
@@ -284,7 +298,8 @@ class _VectorQuantizerBase(CodebookOptions):
       distances = None
       indices = nearest_code(latents, codebook, self.distance_chunk_size)
     codes = jnp.take(codebook, indices, axis=0)
-    code_counts = jnp.zeros((self.num_embeddings,), jnp.float32).at[indices].add(1.0)
+    code_counts = jnp.zeros((self.num_embeddings,), jnp.float32).at[indices].add(
+        1.0 if row_mask is None else row_mask)
     if self.axis_name is not None:
       code_counts = lax.psum(code_counts, self.axis_name)
     return indices, codes, code_counts, distances
@@ -340,8 +355,28 @@ class _VectorQuantizerBase(CodebookOptions):
     self._write_codes(dead, candidates, jnp.full_like(code_usage, threshold), step)
     return jnp.where(dead, threshold, code_usage)
 
-  def _quantize(self, inputs: Array, train: bool) -> QuantizerOutput:
-    """The whole call of either quantizer: see `VectorQuantizer.__call__`."""
+  def _quantize(self, inputs: Array, train: bool, row_mask: Optional[Array] = None,
+                exact_codes: bool = False) -> QuantizerOutput:
+    """The whole call of either quantizer: see `VectorQuantizer.__call__`.
+
+    The two optional arguments are for `ResidualVQ`, which calls this on each stage; with
+    their defaults the call is exactly the quantizers' `__call__`.
+
+    Args:
+      inputs: `[..., D]`, any float dtype.
+      train: as `__call__`.
+      row_mask: float32 `[N]` of 0 and 1 (`N = prod(inputs.shape[:-1])`, the rows in C
+        order), or None for all ones. Rows where it is 0 (vectors a residual VQ stage drops)
+        are still quantized, but they are left out of `code_counts` (so of the perplexity,
+        the EMA cluster sizes and sums, and `code_usage`) and add 0 to the squared-error
+        losses, whose means still divide by every row (the pmean over devices stays the
+        global value). The k-means init, restart candidates and the entropy term still use
+        every row.
+      exact_codes: make the forward value of `quantized` the codes exactly: the
+        straight-through estimator as `codes + (latents - sg(latents))` instead of the seed's
+        `latents + sg(codes - latents)`, which rounds to within an ulp of the latents' scale
+        of them. The same gradient. (The rotation trick gives the codes exactly either way.)
+    """
     flat_inputs = self._flatten(inputs)
     latents = self._to_code_space(flat_inputs)
     updating = train and self.has_training_state and not self.is_initializing()
@@ -359,10 +394,13 @@ class _VectorQuantizerBase(CodebookOptions):
       if self.codebook_init == 'kmeans':
         self._kmeans_init(kmeans_key, detached_latents)
     codebook = self.codebook  # read after the k-means init, so this call uses the centres
-    indices, codes, code_counts, distances = self._lookup(latents, codebook)
+    indices, codes, code_counts, distances = self._lookup(latents, codebook, row_mask)
     if updating:
       step = None if self.counter is None else self.counter.value + 1
-      self._update_codebook(detached_latents, indices, code_counts, step)
+      # The EMA sums of the kept rows only, like `code_counts`.
+      summed_latents = (detached_latents if row_mask is None else
+                        detached_latents * row_mask[:, None])
+      self._update_codebook(summed_latents, indices, code_counts, step)
       if self._tracks_usage:
         code_usage = update_usage(self.code_usage.value, code_counts, self.usage_decay, step)
         if self._restarts_dead_codes:
@@ -370,14 +408,16 @@ class _VectorQuantizerBase(CodebookOptions):
         self.code_usage.value = code_usage
       if step is not None:
         self.counter.value = step
-    loss = self._codebook_loss(latents, codes)
+    loss = self._codebook_loss(latents, codes, row_mask)
     if self.entropy_weight > 0:
       loss = loss + self.entropy_weight * batch_usage_entropy_loss(
           distances, self.entropy_temperature, self.axis_name)
 
     if self.rotation_trick:
       straight_through = rotation_trick(latents, codes)
-    else:
+    elif exact_codes:
+      straight_through = lax.stop_gradient(codes) + (latents - lax.stop_gradient(latents))
+    else:  # the seed's estimator, which the parity tests pin
       straight_through = latents + lax.stop_gradient(codes - latents)
     quantized = self._from_code_space(straight_through)
     return QuantizerOutput(
@@ -392,7 +432,7 @@ class _VectorQuantizerBase(CodebookOptions):
 
   @property
   def codebook_size(self) -> int:
-    """K: how many values an index takes."""
+    """K (`num_embeddings`): how many values an index takes, `indices` in `[0, K)`."""
     return self.num_embeddings
 
   # ---- Codes to vectors. ----
@@ -495,9 +535,10 @@ class VectorQuantizer(_VectorQuantizerBase):
     """Whether `train=True` updates `batch_stats`."""
     return self._has_codebook_state
 
-  def _codebook_loss(self, latents: Array, codes: Array) -> Array:
-    q_latent = _mse(codes, lax.stop_gradient(latents))
-    e_latent = _mse(lax.stop_gradient(codes), latents)
+  def _codebook_loss(self, latents: Array, codes: Array,
+                     row_mask: Optional[Array] = None) -> Array:
+    q_latent = _mse(codes, lax.stop_gradient(latents), row_mask)
+    e_latent = _mse(lax.stop_gradient(codes), latents, row_mask)
     return q_latent + self.commitment_cost * e_latent
 
   def _update_codebook(self, latents, indices, code_counts, step) -> None:
@@ -629,8 +670,9 @@ class VectorQuantizerEMA(_VectorQuantizerBase):
     """Always: `train=True` updates the EMA."""
     return True
 
-  def _codebook_loss(self, latents: Array, codes: Array) -> Array:
-    return self.commitment_cost * _mse(lax.stop_gradient(codes), latents)
+  def _codebook_loss(self, latents: Array, codes: Array,
+                     row_mask: Optional[Array] = None) -> Array:
+    return self.commitment_cost * _mse(lax.stop_gradient(codes), latents, row_mask)
 
   def _stored_size_scale(self, step: Array) -> Array:
     """What the stored `ema_cluster_size`/`ema_w` are multiplied by relative to the debiased
@@ -682,38 +724,73 @@ class VectorQuantizerEMA(_VectorQuantizerBase):
     return self._codes_in_use(self.embedding.value)
 
 
-def rotation_trick(latents: Array, codes: Array) -> Array:
-  """The codes, with the rotation trick's gradient to the latents (Fifty et al. 2024, "Restructuring
-  Vector Quantization with the Rotation Trick", section 4.2, the Householder form).
+# Rows whose unit latent and unit code sum to less than this (an angle within 0.06 degrees of
+# 180) have no well-defined rotation: the rotation plane, spanned by `e^ + q^`, is lost in
+# float32 rounding (`r` would be off by about 1e-7 * sqrt(C) / |e^ + q^|).
+ROTATION_ANTIPODAL_TOLERANCE = 1e-3
 
-  With `e` a latent, `q` its code, `e^ = e/|e|`, `q^ = q/|q|`, `r = (e^ + q^)/|e^ + q^|` and
-  `lambda = |q|/|e|`, the rotation `R = I - 2 r r^T + 2 q^ e^^T` maps `e^` to `q^`, so
-  `lambda R e = q`. The output is that value with `lambda`, `R` treated as constants: the
-  gradient a loss sends to `e` is `lambda R^T g` where straight-through sends `g`. The forward
-  value is `q` exactly (`sg(q) + (x - sg(x))`), so rounding in the rotation never changes it.
-  Rows where `e = 0`, `q = 0` or `e^ = -q^` have no rotation; they get the straight-through
-  gradient.
+
+def _norm_and_direction(x: Array) -> Tuple[Array, Array]:
+  """`(|x|, x / |x|)` per row, without overflow or underflow: `sqrt(sum(x^2))` overflows in
+  float32 from |x| ~ 1e19 and underflows below ~1e-19, so each row is first scaled by the power
+  of two nearest its largest magnitude (`ldexp`, exact; a division by the magnitude itself
+  is what XLA may rewrite, and its constant folding then gave NaN at 1e25). A zero row (or a
+  subnormal one, which XLA:CPU flushes to zero) gives norm 0 and direction 0."""
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+  scaled = jnp.ldexp(x, -exponent)
+  scaled_norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=-1, keepdims=True))
+  direction = scaled / jnp.where(scaled_norm > 0, scaled_norm, 1.0)
+  return jnp.ldexp(scaled_norm, exponent), direction
+
+
+def rotation_trick(latents: Array, codes: Array) -> Array:
+  """The codes, with the rotation trick's gradient to the latents (Fifty et al. 2024,
+  "Restructuring Vector Quantization with the Rotation Trick", section 4.2 and Algorithm 1:
+  the Householder form, as `get_very_efficient_rotation` in the authors' cfifty/rotation_trick).
+
+  With `e` a latent (a row), `q` its code, `e^ = e/|e|`, `q^ = q/|q|`,
+  `r = (e^ + q^)/|e^ + q^|` and `lambda = |q|/|e|`, the rotation
+
+      R = I - 2 r r^T + 2 q^ e^^T
+
+  maps `e^` to `q^` (so `lambda R e = q`) and is the identity on the complement of the plane
+  of `e` and `q`. The output is computed as
+
+      sg(lambda) * (e - 2 r (r . e) + 2 q^ (e^ . e))     with r, q^, e^ stop-gradient,
+
+  so `lambda` and `R` are constants and the gradient a loss sends to `e` is `lambda R^T g`
+  (the gradient of `<g, lambda R e>`), where the straight-through estimator sends `g`. The
+  forward value is `q` exactly: the output is `sg(q) + (x - sg(x))` with `x` the rotated
+  latent, so rounding in the rotation never changes it (the seed's straight-through
+  `e + sg(q - e)` can be an ulp off `q`). The codes get no gradient from this output.
+
+  Degenerate rows fall back to the straight-through gradient (`g` itself): `e = 0` or `q = 0`
+  (no direction to rotate), `e^ = -q^` up to `|e^ + q^| < ROTATION_ANTIPODAL_TOLERANCE` (no
+  unique rotation plane), or `lambda` not finite. Their constants are set so that the
+  rotated latent is `e` itself: no NaN or infinity reaches the value or the gradient.
 
   Args:
     latents: float32 `[N, C]`, the vectors that were quantized.
-    codes: float32 `[N, C]`, their codes (they get no gradient from this output).
+    codes: float32 `[N, C]`, their codes.
 
   Returns:
     float32 `[N, C]`: `codes` in value.
   """
   codes = lax.stop_gradient(codes)
-  tiny = jnp.float32(1e-12)
-  e_norm = jnp.linalg.norm(latents, axis=-1, keepdims=True)
-  q_norm = jnp.linalg.norm(codes, axis=-1, keepdims=True)
-  e_hat = lax.stop_gradient(latents / jnp.maximum(e_norm, tiny))
-  q_hat = codes / jnp.maximum(q_norm, tiny)
-  r_norm = jnp.linalg.norm(e_hat + q_hat, axis=-1, keepdims=True)
-  r = (e_hat + q_hat) / jnp.maximum(r_norm, tiny)
-  scale = lax.stop_gradient(q_norm / jnp.maximum(e_norm, tiny))
+  e_norm, e_hat = _norm_and_direction(lax.stop_gradient(latents))
+  q_norm, q_hat = _norm_and_direction(codes)
+  bisector = e_hat + q_hat
+  bisector_norm = jnp.sqrt(jnp.sum(bisector * bisector, axis=-1, keepdims=True))
+  scale = q_norm / jnp.where(e_norm > 0, e_norm, 1.0)
+  degenerate = ((e_norm == 0) | (q_norm == 0) | ~jnp.isfinite(scale) |
+                (bisector_norm < ROTATION_ANTIPODAL_TOLERANCE))
+  # The straight-through constants in degenerate rows: R = I, lambda = 1.
+  scale = jnp.where(degenerate, 1.0, scale)
+  r = jnp.where(degenerate, 0.0, bisector / jnp.where(degenerate, 1.0, bisector_norm))
+  q_hat = jnp.where(degenerate, 0.0, q_hat)
+  e_hat = jnp.where(degenerate, 0.0, e_hat)
   dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
   rotated = scale * (latents - 2 * r * dot(r, latents) + 2 * q_hat * dot(e_hat, latents))
-  degenerate = (lax.stop_gradient(e_norm) < 1e-6) | (q_norm < 1e-6) | (r_norm < 1e-6)
-  rotated = jnp.where(degenerate, latents, rotated)
   return codes + (rotated - lax.stop_gradient(rotated))
 
 

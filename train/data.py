@@ -1,26 +1,41 @@
 """Image data: tfds datasets through `tfds.data_source` (no TensorFlow), the photos bundled with
 scikit-image, an .npz array or a folder of images; and the deterministic order of batches.
 
-Every source becomes two uint8 `[N, H, W, C]` arrays (training and held-out) in host memory.
-The order of training examples is a pure function of `(seed, step)`, which is what lets a
-resumed run continue with exactly the batches it would have seen.
+Every dataset becomes two splits (training and held-out). A split that fits in
+`config.data_on_device_max_bytes` is read into a uint8 `[N, H, W, C]` host array; a larger
+folder or tfds split stays a source that `train/input_pipeline.py` decodes batch by batch in
+grain's workers. The order of training examples is a pure function of `(seed, step)`, which is
+what lets a resumed run continue with exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 
+from train import input_pipeline
 from train.errors import UserError
 
 # What tfds needs to prepare (download and encode) a dataset, and training does not: TensorFlow,
 # and importlib_resources, which tfds 4.9 imports for it without declaring it.
 PREPARE_PACKAGES = 'tensorflow-cpu importlib_resources'
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = input_pipeline.IMAGE_EXTENSIONS
+# A folder's file list, cached in the workdir (delete it to list the folder again), and the
+# image files found unreadable, one per line.
+FOLDER_INDEX, SKIPPED_LOG = 'folder_index.npz', 'skipped_images.txt'
+# Held-out subfolders that, next to `train/`, make a folder's splits (ImageNet's layout).
+FOLDER_EVAL_SPLITS = (b'val', b'validation', b'test', b'eval')
+# Files whose headers say the folder's channels and size (spread over the split: a constant
+# cost, whatever the folder's size), and the PIL modes that are one channel.
+FOLDER_HEADER_SAMPLE = 32
+GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+# Images a streamed split's variance is estimated from (a whole split in memory: all of them).
+VARIANCE_SAMPLE = 1_000
 ACCEPTED = ("a tfds image dataset name (e.g. 'cifar10', 'mnist'), 'quickstart', 'npz:PATH' or "
             "'folder:PATH'")
 # The quickstart trains on crops of these photos and evaluates on crops of two others, so that the
@@ -34,79 +49,146 @@ QUICKSTART_TRAIN_CROPS, QUICKSTART_EVAL_CROPS = 20_000, 1_000
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  """A dataset's images, uint8 `[N, H, W, C]`, their labels where it has them, and the training
-  variance.
+  """A dataset's splits, their labels where it has them, and the training variance.
 
   Attributes:
-    train: training images.
-    eval: held-out images.
+    train: training images: a uint8 `[N, H, W, C]` host array when the split is small (at most
+      `config.data_on_device_max_bytes`), else a source that decodes on demand
+      (`input_pipeline.FolderSource`, `TfdsSource`). Both take `len`, `[i]`, `[a:b]`.
+    eval: held-out images, likewise.
     variance: variance of the training images scaled to [0, 1], the seed's `data_variance`
-      (the NMSE divides by it).
+      (the NMSE divides by it): over the whole split when it is in memory, else over
+      `VARIANCE_SAMPLE` images evenly spread over it.
     class_names: the labels' names, label `i` is `class_names[i]`; empty when the dataset has
       no labels.
     train_labels: int32 `[N]` labels of the training images, or None.
     eval_labels: int32 `[M]` labels of the held-out images, or None (the quickstart's held-out
       photos are none of its training photos).
+    skipped: `() -> paths` of the image files found unreadable so far (folders only).
   """
 
-  train: np.ndarray
-  eval: np.ndarray
+  train: Any
+  eval: Any
   variance: float
   class_names: Tuple[str, ...] = ()
   train_labels: Optional[np.ndarray] = None
   eval_labels: Optional[np.ndarray] = None
+  skipped: Callable[[], Tuple[str, ...]] = lambda: ()
 
   @property
   def image_shape(self) -> Tuple[int, int, int]:
-    return tuple(self.train.shape[1:])
+    return _shape(self.train)
 
 
-def pixel_variance(images: np.ndarray) -> float:
+def pixel_variance(images) -> float:
   """Variance of uint8 images scaled to [0, 1], in float64 chunks (exact, small memory)."""
   total, total_sq, count = 0.0, 0.0, 0
-  for start in range(0, len(images), 4096):
-    chunk = images[start:start + 4096].astype(np.float64) / 255.0
+  rows = max(1, 2**23 // max(1, math.prod(images.shape[1:])))  # 64 MB of float64 per chunk
+  for start in range(0, len(images), rows):
+    chunk = np.asarray(images[start:start + rows]).astype(np.float64) / 255.0
     total, total_sq, count = total + chunk.sum(), total_sq + np.square(chunk).sum(), count + chunk.size
   mean = total / count
   return float(total_sq / count - mean * mean)
 
 
+@dataclasses.dataclass
+class Splits:
+  """A dataset opened but not read: each split an array or a decoding source."""
+  train: Any
+  eval: Any
+  class_names: Tuple[str, ...] = ()
+  train_labels: Optional[np.ndarray] = None
+  eval_labels: Optional[np.ndarray] = None
+  folder_index: Optional[Dict[str, np.ndarray]] = None
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    return _shape(self.train)
+
+
 def load(config) -> ImageData:
-  """Loads `config.dataset` (see `ACCEPTED`), checks the images and computes the variance."""
+  """Opens `config.dataset` (see `ACCEPTED`), checks it and reads it (`read`)."""
+  return read(open_splits(config), config)
+
+
+def read(splits: Splits, config, workdir: str = '') -> ImageData:
+  """Reads what is small of opened splits.
+
+  A split of at most `config.data_on_device_max_bytes` is decoded into a host array (in
+  `config.data_workers` processes); a larger one stays a source that the training and
+  evaluation pipelines decode batch by batch. With a `workdir` (which must exist), a folder's
+  file list is cached there (`FOLDER_INDEX`) and unreadable files are logged there
+  (`SKIPPED_LOG`).
+  """
+  if workdir:
+    if splits.folder_index is not None:
+      np.savez(os.path.join(workdir, FOLDER_INDEX), **splits.folder_index)
+    for source in (splits.train, splits.eval):
+      if isinstance(source, input_pipeline.FolderSource):
+        source.skipped_log = os.path.join(workdir, SKIPPED_LOG)
+  train, held_out = (_read_if_small(source, config) for source in (splits.train, splits.eval))
+  if isinstance(train, np.ndarray):
+    variance = pixel_variance(train)
+  else:
+    sample = np.linspace(0, len(train) - 1, min(len(train), VARIANCE_SAMPLE)).astype(np.int64)
+    variance = pixel_variance(train.rows(np.unique(sample)))
+  folder = splits.train if isinstance(splits.train, input_pipeline.FolderSource) else None
+  return ImageData(train=train, eval=held_out, variance=variance,
+                   class_names=splits.class_names, train_labels=splits.train_labels,
+                   eval_labels=splits.eval_labels,
+                   skipped=folder.skipped if folder is not None else (lambda: ()))
+
+
+def _read_if_small(source, config):
+  if isinstance(source, np.ndarray) or \
+      len(source) * math.prod(source.image_shape) > config.data_on_device_max_bytes:
+    return source
+  return input_pipeline.materialize(source, config.data_workers)
+
+
+def open_splits(config, workdir: str = '') -> Splits:
+  """The dataset's splits, checked, with nothing decoded but a few headers and nothing written.
+
+  A folder's file list comes from `workdir`'s cache when it holds one for the same folder.
+  """
   name = config.dataset
-  labels = dict(class_names=())
   if name == 'quickstart':
     (train, train_labels), (held_out, _) = _quickstart()
-    labels = dict(class_names=QUICKSTART_TRAIN_PHOTOS, train_labels=train_labels)
+    splits = Splits(train, held_out, QUICKSTART_TRAIN_PHOTOS, train_labels)
   elif name.startswith('npz:'):
-    train, held_out = _npz(name[4:])
+    splits = Splits(*_npz(name[4:]))
   elif name.startswith('folder:'):
-    train, held_out = _folder(name[7:], config.image_size)
+    splits = _folder(name[7:], config, workdir)
   else:
-    (train, train_labels), (held_out, eval_labels), class_names = (
-        *(_tfds(config, split) for split in (config.train_split, config.eval_split)),
-        _tfds_class_names(config))
-    if class_names:
-      labels = dict(class_names=class_names, train_labels=train_labels, eval_labels=eval_labels)
-  train, held_out = (_fit_size(images, config.image_size) for images in (train, held_out))
-  for split, images in (('training', train), ('held-out', held_out)):
+    splits = _tfds_splits(config)
+  if isinstance(splits.train, np.ndarray):
+    splits.train, splits.eval = (_fit_size(images, config.image_size)
+                                 for images in (splits.train, splits.eval))
+  for split, images in (('training', splits.train), ('held-out', splits.eval)):
     _check_images(name, split, images)
-  if train.shape[1:] != held_out.shape[1:]:
-    raise UserError(f'dataset {name!r}: training images are {train.shape[1:]} but held-out '
-                    f'images are {held_out.shape[1:]}; they must match.')
-  return ImageData(train=train, eval=held_out, variance=pixel_variance(train), **labels)
+  train_shape, eval_shape = (_shape(s) for s in (splits.train, splits.eval))
+  if train_shape != eval_shape:
+    raise UserError(f'dataset {name!r}: training images are {train_shape} but held-out '
+                    f'images are {eval_shape}; they must match.')
+  return splits
 
 
-def _check_images(name: str, split: str, images: np.ndarray) -> None:
-  if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
-    raise UserError(f'dataset {name!r}: {split} images have shape {images.shape}; expected '
+def _shape(images) -> Tuple[int, ...]:
+  return tuple(images.shape[1:]) if isinstance(images, np.ndarray) else \
+      tuple(images.image_shape)
+
+
+def _check_images(name: str, split: str, images) -> None:
+  shape = (len(images),) + _shape(images)
+  if len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] == 0:
+    raise UserError(f'dataset {name!r}: {split} images have shape {shape}; expected '
                     f'[N, H, W, C] with N >= 1 and C 1 (grayscale) or 3 (RGB).')
-  height, width = images.shape[1:3]
+  height, width = shape[1:3]
   if height % 4 or width % 4:
     raise UserError(f'dataset {name!r}: images are {height}x{width}; the VQ-VAE downsamples by '
                     f'4, so height and width must be multiples of 4 (set --config.image_size, '
                     f'e.g. 32, to centre-crop and resize).')
-  if images.dtype != np.uint8:
+  if isinstance(images, np.ndarray) and images.dtype != np.uint8:
     raise UserError(f'dataset {name!r}: {split} images have dtype {images.dtype}; expected uint8 '
                     f'pixels in [0, 255].')
 
@@ -116,17 +198,10 @@ def _fit_size(images: np.ndarray, size: int) -> np.ndarray:
   if not size or images.shape[1:3] == (size, size):
     return images
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.stack([_square(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img), size)
-                   for img in images]).reshape(len(images), size, size, images.shape[-1])
-
-
-def _square(image, size: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  width, height = image.size
-  side = min(width, height)
-  left, top = (width - side) // 2, (height - side) // 2
-  image = image.crop((left, top, left + side, top + side))
-  return np.asarray(image.resize((size, size), Image.BICUBIC))
+  channels = images.shape[-1]
+  return np.stack([input_pipeline.fit_image(
+      Image.fromarray(img.squeeze(-1) if channels == 1 else img), size, channels)
+                   for img in images])
 
 
 def quickstart_photo(name: str) -> np.ndarray:
@@ -189,32 +264,140 @@ def _with_channels(images: np.ndarray) -> np.ndarray:
   return images[..., None] if images.ndim == 3 else images
 
 
-def _folder(path: str, size: int) -> Tuple[np.ndarray, np.ndarray]:
-  """Every image file under `path` (sorted), as RGB; sizes must agree unless `size` is set."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+def _scan_folder(root: str) -> Dict[str, np.ndarray]:
+  """Every image file under `root`, sorted by path: relative paths (bytes), sizes, mtimes."""
+  found = []
+  pending = ['']
+  while pending:
+    relative = pending.pop()
+    with os.scandir(os.path.join(root, relative)) as entries:
+      for entry in entries:
+        path = os.path.join(relative, entry.name)
+        if entry.is_dir():
+          pending.append(path)
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+          stat = entry.stat()
+          found.append((os.fsencode(path), stat.st_size, stat.st_mtime))
+  found.sort()
+  return {'root': np.asarray(os.path.abspath(root)),
+          'paths': np.asarray([f[0] for f in found], dtype=np.bytes_),
+          'sizes': np.asarray([f[1] for f in found], np.int64),
+          'mtimes': np.asarray([f[2] for f in found], np.float64)}
+
+
+def _folder_index(root: str, workdir: str) -> Dict[str, np.ndarray]:
+  """The folder's file list: from the workdir's cache when it lists this folder, else scanned."""
+  cache = os.path.join(workdir, FOLDER_INDEX) if workdir else ''
+  if cache and os.path.exists(cache):
+    with np.load(cache) as index:
+      if str(index['root']) == os.path.abspath(root):
+        return dict(index)
+  return _scan_folder(root)
+
+
+def _folder(path: str, config, workdir: str) -> Splits:
+  """Image files under `path`, decoded lazily.
+
+  With `train/` and `val/` (or `validation/`, `test/`, `eval/`) subfolders, those are the
+  splits (ImageNet's layout); otherwise every 10th file (sorted by path) is held out. When
+  every file of the training split lies in a subfolder, the first-level subfolders are the
+  classes (sorted names), and each file's label is its class.
+  """
   if not os.path.isdir(path):
     raise UserError(f'dataset folder:{path}: no such directory.')
-  files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
-  if len(files) < 2:
-    raise UserError(f'dataset folder:{path} holds {len(files)} images ({", ".join(IMAGE_EXTENSIONS)}'
-                    f'); at least 2 are needed (every 10th is held out).')
-  images = []
-  for file in files:
-    with Image.open(file) as image:
-      image = image.convert('RGB')
-      images.append(_square(image, size) if size else np.asarray(image))
-  shapes = {image.shape for image in images}
-  if len(shapes) > 1:
-    raise UserError(f'dataset folder:{path} has images of {len(shapes)} different sizes, e.g. '
-                    f'{sorted(shapes)[:2]}; set --config.image_size (e.g. 32) to centre-crop and '
-                    f'resize them all.')
-  return _holdout(np.stack(images))
+  index = _folder_index(path, workdir)
+  paths = index['paths']
+  if len(paths) < 2:
+    raise UserError(f'dataset folder:{path} holds {len(paths)} images '
+                    f'({", ".join(IMAGE_EXTENSIONS)}); at least 2 are needed.')
+  top = np.asarray([p.split(b'/', 1)[0] if b'/' in p else b'' for p in paths])
+  eval_name = next((n for n in FOLDER_EVAL_SPLITS if np.any(top == n)), None)
+  if np.any(top == b'train') and eval_name is not None:
+    train_paths, eval_paths = (np.char.partition(paths[top == n], b'/')[:, 2]
+                               for n in (b'train', eval_name))
+    roots = (os.path.join(path, 'train'), os.path.join(path, os.fsdecode(eval_name)))
+  else:
+    held_out = np.arange(len(paths)) % 10 == 9
+    train_paths, eval_paths, roots = paths[~held_out], paths[held_out], (path, path)
+  class_names, train_labels, eval_labels = _folder_classes(train_paths, eval_paths)
+  image_shape = _folder_image_shape(path, roots[0], train_paths, config)
+  sources = [input_pipeline.FolderSource(root, split_paths, labels, config.image_size,
+                                         image_shape)
+             for root, split_paths, labels in zip(roots, (train_paths, eval_paths),
+                                                  (train_labels, eval_labels))]
+  return Splits(*sources, class_names, train_labels, eval_labels, folder_index=index)
 
 
-def _tfds(config, split: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-  """A tfds split read through `tfds.data_source`, which needs no TensorFlow: its images, and
-  its int32 labels when the dataset has a `label` class feature (else None)."""
+def _folder_classes(train_paths: np.ndarray, eval_paths: np.ndarray):
+  """`(class_names, train_labels, eval_labels)` from first-level subfolders, or `((), None,
+  None)` when some training file lies directly in the split's folder."""
+  if not all(b'/' in p for p in train_paths):
+    return (), None, None
+  names = sorted(set(np.char.partition(train_paths, b'/')[:, 0]))
+  lookup = {n: i for i, n in enumerate(names)}
+  label = lambda p: lookup.get(p.split(b'/', 1)[0], -1) if b'/' in p else -1
+  train_labels = np.asarray([label(p) for p in train_paths], np.int32)
+  eval_labels = np.asarray([label(p) for p in eval_paths], np.int32)
+  if np.any(eval_labels < 0):  # held-out files outside the training classes: no eval labels
+    eval_labels = None
+  return tuple(os.fsdecode(n) for n in names), train_labels, eval_labels
+
+
+def _folder_image_shape(path: str, root: str, paths: np.ndarray, config):
+  """`(H, W, C)` from the headers of up to `FOLDER_HEADER_SAMPLE` files spread over the
+  split; their channels (and sizes, without `image_size`) must agree."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  headers = {}
+  for i in np.unique(np.linspace(0, len(paths) - 1, FOLDER_HEADER_SAMPLE).astype(int)):
+    file = os.path.join(root, os.fsdecode(paths[i]))
+    try:
+      with Image.open(file) as image:
+        headers[file] = (image.size[1], image.size[0],
+                         1 if image.mode in GRAYSCALE_MODES else 3)
+    except (OSError, ValueError, SyntaxError):
+      continue  # decoding skips it too, and says so
+  if not headers:
+    raise UserError(f'dataset folder:{path}: none of the sampled image files could be read; '
+                    f'accepted: a folder of readable images.')
+  channels = config.image_channels or _agreed(
+      path, headers, 2, 'channels', 'set --config.image_channels=3 (or 1) to convert every '
+      'image')
+  if config.image_size:
+    return (config.image_size, config.image_size, channels)
+  height, width = _agreed(path, headers, slice(0, 2), 'sizes', 'set --config.image_size '
+                          '(e.g. 32) to centre-crop and resize them all')
+  return (height, width, channels)
+
+
+def _agreed(path: str, headers, key, what: str, remedy: str):
+  values = {}
+  for file, header in headers.items():
+    values.setdefault(header[key], file)
+  if len(values) > 1:
+    examples = '; '.join(f'{os.path.relpath(file, path)}: {value}'
+                         for value, file in list(values.items())[:2])
+    raise UserError(f'dataset folder:{path} has images of different {what} ({examples}); '
+                    f'{remedy}.')
+  return next(iter(values))
+
+
+def _tfds_splits(config) -> Splits:
+  """The training and held-out splits of a tfds dataset (see `_tfds`), with their labels."""
+  (train, train_labels), (held_out, eval_labels) = (
+      _tfds(config, split) for split in (config.train_split, config.eval_split))
+  class_names = _tfds_class_names(config)
+  if not class_names:
+    return Splits(train, held_out)
+  return Splits(train, held_out, class_names, train_labels, eval_labels)
+
+
+def _tfds(config, split: str) -> Tuple[Any, Optional[np.ndarray]]:
+  """A tfds split read through `tfds.data_source`, which needs no TensorFlow.
+
+  A split of at most `config.data_on_device_max_bytes` is read whole: its images, and its
+  int32 labels when the dataset has a `label` class feature (else None). A larger one is a
+  `TfdsSource` that decodes on demand, with no labels.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.data_dir or None
   try:
@@ -242,11 +425,29 @@ def _tfds(config, split: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
                     f"file_format='array_record' (or use another --config.data_dir).") from None
   except ValueError as e:
     raise UserError(f'dataset {config.dataset!r} has no split {split!r}: {e}') from None
+  shape = _tfds_image_shape(builder, image_key, source, config)
+  if len(source) * math.prod(shape) > config.data_on_device_max_bytes:
+    return input_pipeline.TfdsSource(config.dataset, split, data_dir, image_key,
+                                     config.image_size, shape, len(source)), None
   examples = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(example[image_key]) for example in examples])
   if not _class_names(builder):
     return images, None
   return images, np.asarray([example['label'] for example in examples], np.int32)
+
+
+def _tfds_image_shape(builder, image_key: str, source, config) -> Tuple[int, int, int]:
+  """`(H, W, C)` of the split's images after `image_size`; from the feature's shape, or the
+  first example's when the feature leaves the size open (ImageNet)."""
+  height, width, channels = builder.info.features[image_key].shape
+  if config.image_size:
+    return (config.image_size, config.image_size, channels)
+  if height is None or width is None:
+    if len(source) * 3 * 256 * 256 > config.data_on_device_max_bytes:
+      raise UserError(f'dataset {config.dataset!r} has images of varying sizes; set '
+                      f'--config.image_size (e.g. 128) to centre-crop and resize them.')
+    return tuple(np.asarray(source[0][image_key]).shape)
+  return (height, width, channels)
 
 
 def _tfds_class_names(config) -> Tuple[str, ...]:

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
 from train import data as data_lib
+from train import input_pipeline
 from train.step import to_model_input
 from vqvae_jax import VQVAE
 from vqvae_jax.codebook import usage_metrics
@@ -57,10 +58,10 @@ def make_eval_step(model: VQVAE) -> Callable[..., Dict[str, jax.Array]]:
 class Evaluator:
   """Runs the jitted eval step over a split sharded on `mesh`, and writes its images."""
 
-  def __init__(self, model: VQVAE, mesh: jax.sharding.Mesh, batch_size: int):
+  def __init__(self, model: VQVAE, mesh: jax.sharding.Mesh, batch_size: int, workers: int = 0):
     num_devices = mesh.devices.size
     self.batch_size = -(-batch_size // num_devices) * num_devices  # a multiple of the devices
-    self.model = model
+    self.model, self.workers = model, workers
     self.batch_sharding = NamedSharding(mesh, P('data'))
     replicated = NamedSharding(mesh, P())
     self._eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
@@ -68,8 +69,9 @@ class Evaluator:
     self._reconstruct = jax.jit(lambda v, x: model.apply(v, to_model_input(x))[0],
                                 out_shardings=replicated)
 
-  def __call__(self, variables: Any, images: np.ndarray, variance: float) -> Dict[str, Any]:
-    """Metrics over all of `images` (uint8 `[N, H, W, C]`).
+  def __call__(self, variables: Any, images, variance: float) -> Dict[str, Any]:
+    """Metrics over all of `images` (uint8 `[N, H, W, C]`, or a source streamed batch by batch
+    through `input_pipeline.sharded_split`, each process decoding only its rows).
 
     Returns:
       `eval_nmse` (MSE / training variance, the seed's recon_error), `eval_psnr` (dB, pixel
@@ -81,13 +83,8 @@ class Evaluator:
       mean, and `eval_codes_used_stage{i}` gives each stage's.
     """
     totals = None
-    for start in range(0, len(images), self.batch_size):
-      indices = np.arange(start, start + self.batch_size)
-      weights = (indices < len(images)).astype(np.float32)
-      indices = np.minimum(indices, len(images) - 1)
-      batch = data_lib.sharded_batch(images, indices, self.batch_sharding)
-      weights = jax.make_array_from_callback(weights.shape, self.batch_sharding,
-                                             lambda index: weights[index])
+    for batch, weights in input_pipeline.sharded_split(images, self.batch_size,
+                                                        self.batch_sharding, self.workers):
       sums = self._eval_step(variables, batch, weights)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)

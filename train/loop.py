@@ -25,6 +25,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from train import data as data_lib
+from train import input_pipeline
 from train.checkpoints import Checkpoints, abstract_state
 from train.errors import UserError
 from train.step import TrainState
@@ -38,7 +39,8 @@ class Task:
   """What the loop trains.
 
   Attributes:
-    train_data: a pytree of host arrays `[N, ...]`, one row per training example.
+    train_data: a pytree of host arrays `[N, ...]`, one row per training example; or a source
+      that decodes on demand (`input_pipeline.FolderSource`, `TfdsSource`).
     init_state: `(rng, example) -> TrainState`, where `example` is `train_data`'s first row
       with its batch axis (`[1, ...]`); jitted by the loop, and traced with `jax.eval_shape`
       for the abstract state a checkpoint restores into.
@@ -48,6 +50,8 @@ class Task:
       (process 0), and the loop logs what it returns. Called on every process.
     step_args: arrays every step reads as they are (e.g. the data variance), replicated.
     example_name: what one example is, for the throughput metric (`images_per_sec`).
+    notice: `() -> str`, a warning the loop prints (process 0) at a log step whenever it
+      changes; '' for none.
   """
 
   train_data: PyTree
@@ -56,6 +60,7 @@ class Task:
   evaluate: Callable[[TrainState, int], Metrics]
   step_args: Tuple[Any, ...] = ()
   example_name: str = 'images'
+  notice: Callable[[], str] = lambda: ''
 
 
 def data_mesh() -> Mesh:
@@ -180,7 +185,8 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
   """
   replicated = NamedSharding(mesh, P())
   steps_sharding = NamedSharding(mesh, P(None, 'data'))  # [k, B, ...]: batch over devices
-  example = jax.tree.map(lambda x: x[:1], task.train_data)
+  source = input_pipeline.as_source(task.train_data)
+  example = source[:1]
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
   state = checkpoints.restore_latest(abstract_state(task.init_state, example, replicated))
   if state is None:
@@ -192,7 +198,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
     print(f'Resuming {workdir} from step {step}.', flush=True)
 
   step_args = jax.device_put(task.step_args, replicated)
-  on_device = (jax.process_count() == 1 and
+  on_device = (isinstance(source, input_pipeline.ArraySource) and jax.process_count() == 1 and
                _nbytes(task.train_data) <= config.data_on_device_max_bytes)
   if on_device:
     # The whole training split lives on the devices; each dispatch sends only indices.
@@ -206,23 +212,31 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
     step_fn = jax.jit(lambda state, batch, args: task.train_steps(state, batch, *args),
                       in_shardings=(replicated, steps_sharding, replicated),
                       out_shardings=(replicated, replicated), donate_argnums=0)
-  num_examples = len(jax.tree.leaves(task.train_data)[0])
-  order = data_lib.BatchOrder(num_examples, config.batch_size, config.seed)
+  order = data_lib.BatchOrder(len(source), config.batch_size, config.seed)
+  if not on_device:
+    # This process's rows of every batch, decoded ahead in grain's workers.
+    rows = input_pipeline.process_rows(steps_sharding, (1, config.batch_size), axis=1)
+    batches = input_pipeline.step_batches(source, order, step, config.num_train_steps, rows,
+                                          config.get('data_workers', 0))
   preemption = _Preemption()
   logs = _Logs(workdir, step, config.num_train_steps)
   last_eval: Metrics = {}
+  notice = ''
   try:
     timer, examples_since = time.perf_counter(), 0
     while step < config.num_train_steps:
       num_steps = _next_stop(step, config) - step
-      indices = order.indices(step, num_steps)
       if on_device:
+        indices = order.indices(step, num_steps)
         indices = jax.make_array_from_callback(indices.shape, steps_sharding,
                                                lambda index: indices[index])
         state, metrics = step_fn(state, train_data, indices, step_args)
       else:
-        batch = jax.tree.map(lambda x: data_lib.sharded_batch(x, indices, steps_sharding),
-                             task.train_data)
+        local = jax.tree.map(lambda *steps: np.stack(steps),
+                             *[next(batches) for _ in range(num_steps)])
+        batch = input_pipeline.global_array(
+            local, rows, steps_sharding,
+            lambda leaf: (num_steps, config.batch_size) + leaf.shape[2:], axis=1)
         state, metrics = step_fn(state, batch, step_args)
       step += num_steps
       examples_since += num_steps * config.batch_size
@@ -233,6 +247,9 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
             examples_since / (time.perf_counter() - timer))
         timer, examples_since = time.perf_counter(), 0
         logs.write(step, shown)
+        if task.notice() != notice:
+          notice = task.notice()
+          logs.print(notice)
       logs.progress(num_steps, shown)
       if _due(step, config.eval_every_steps, config.num_train_steps):
         last_eval = task.evaluate(state, step)
@@ -246,6 +263,8 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
         print(f'SIGTERM: saved a checkpoint at step {step}; exiting.', flush=True)
         break
   finally:
+    if not on_device and hasattr(batches, 'close'):
+      batches.close()  # stops grain's worker processes
     checkpoints.close()
     logs.close()
     preemption.restore()

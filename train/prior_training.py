@@ -23,6 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import data as data_lib
+from train import input_pipeline
 from train import evaluate as evaluate_lib
 from train import loop
 from train.checkpoints import checkpoint_steps, load_model, read_run_info, restore_state, \
@@ -135,9 +136,10 @@ def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
   return train_steps
 
 
-def encode_codes(vqvae: VQVAE, variables: Any, images: np.ndarray, mesh: jax.sharding.Mesh,
-                 batch_size: int) -> np.ndarray:
-  """int32 `[N, H/4, W/4]` code grids of uint8 images `[N, H, W, C]`, in sharded batches.
+def encode_codes(vqvae: VQVAE, variables: Any, images, mesh: jax.sharding.Mesh,
+                 batch_size: int, workers: int = 0) -> np.ndarray:
+  """int32 `[N, H/4, W/4]` code grids of uint8 images `[N, H, W, C]` (or of a source, streamed
+  through `input_pipeline.sharded_split`), in sharded batches.
 
   `variables` must be replicated on `mesh`.
   """
@@ -146,12 +148,10 @@ def encode_codes(vqvae: VQVAE, variables: Any, images: np.ndarray, mesh: jax.sha
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
   encode = jax.jit(lambda v, x: vqvae.apply(v, to_model_input(x), method=VQVAE.encode),
                    out_shardings=replicated)
-  grids = []
-  for start in range(0, len(images), batch_size):
-    indices = np.minimum(np.arange(start, start + batch_size), len(images) - 1)
-    batch = data_lib.sharded_batch(images, indices, batch_sharding)
-    grids.append(np.asarray(jax.device_get(encode(variables, batch)))[:len(images) - start])
-  return np.concatenate(grids).astype(np.int32)
+  grids = [np.asarray(jax.device_get(encode(variables, batch)))
+           for batch, _ in input_pipeline.sharded_split(images, batch_size, batch_sharding,
+                                                        workers)]
+  return np.concatenate(grids)[:len(images)].astype(np.int32)
 
 
 def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae: VQVAE,
@@ -173,7 +173,8 @@ def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae:
         f'the VQ-VAE in {config.vqvae_workdir} (step {vqvae_step}); cached in {path}.',
         flush=True)
   encode = functools.partial(encode_codes, vqvae, vqvae_variables, mesh=mesh,
-                             batch_size=config.eval_batch_size)
+                             batch_size=config.eval_batch_size,
+                             workers=vqvae_config.get('data_workers', 0))
   codes = CodeData(train_codes=encode(images.train), eval_codes=encode(images.eval),
                    class_names=tuple(images.class_names), train_labels=images.train_labels,
                    eval_labels=images.eval_labels, vqvae_step=vqvae_step)
@@ -212,14 +213,10 @@ class PriorEvaluator:
   def __call__(self, state: TrainState, step: int) -> Dict[str, float]:
     codes = self.codes.eval_codes
     total = 0.0
-    for start in range(0, len(codes), self.batch_size):
-      indices = np.arange(start, start + self.batch_size)
-      weights = (indices < len(codes)).astype(np.float32)
-      indices = np.minimum(indices, len(codes) - 1)
-      put = lambda x: data_lib.sharded_batch(x, indices, self.batch_sharding)
-      labels = None if self.eval_labels is None else put(self.eval_labels)
-      weights = data_lib.sharded_batch(weights, np.arange(len(weights)), self.batch_sharding)
-      total += float(self._bits(state.params, put(codes), labels, weights))
+    split = {'codes': codes, 'labels': self.eval_labels}
+    for batch, weights in input_pipeline.sharded_split(split, self.batch_size,
+                                                        self.batch_sharding):
+      total += float(self._bits(state.params, batch['codes'], batch['labels'], weights))
     metrics = {'eval_bits_per_code': total / len(codes), **self.baselines}
     if self.config.num_samples:
       grid_rows, labels = self.samples(state.params, step)

@@ -31,23 +31,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
   validate(config)
-  data = data_lib.load(config)
-  model = model_from_config(config.model, data.image_shape[-1])
+  splits = data_lib.open_splits(config, workdir)
+  model = model_from_config(config.model, splits.image_shape[-1])
   loop.prepare_workdir(workdir)  # after every check of the config, so that an error writes nothing
+  data = data_lib.read(splits, config, workdir)
   variance = write_run_info(workdir, config, {'data_variance': data.variance,
                                               'image_shape': list(data.image_shape)},
                             kept=('data_variance',))['data_variance']
   tx = make_optimizer(config)
   mesh = loop.data_mesh()
-  evaluator = evaluate_lib.Evaluator(model, mesh, config.eval_batch_size)
+  evaluator = evaluate_lib.Evaluator(model, mesh, config.eval_batch_size, config.data_workers)
   task = loop.Task(
       train_data=data.train,
       init_state=functools.partial(create_train_state, model, tx),
       train_steps=make_train_step(model, tx),
       evaluate=lambda state, step: _evaluate(evaluator, state, data, variance, config, workdir,
                                              step),
-      step_args=(np.float32(variance),))
+      step_args=(np.float32(variance),),
+      notice=lambda: _skipped_notice(data.skipped(), workdir))
   return loop.run(task, config, workdir, mesh)
+
+
+def _skipped_notice(skipped, workdir: str) -> str:
+  """One warning line naming the unreadable image files skipped so far ('' for none)."""
+  if not skipped:
+    return ''
+  shown = ', '.join(skipped[:3]) + (', ...' if len(skipped) > 3 else '')
+  return (f'warning: {len(skipped)} unreadable image file(s) skipped, each replaced by the next '
+          f'file ({os.path.join(workdir, data_lib.SKIPPED_LOG)} lists them): {shown}')
 
 
 def _evaluate(evaluator, state: TrainState, data, variance: float, config, workdir: str,

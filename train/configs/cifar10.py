@@ -34,8 +34,11 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
   config.eval_split = 'test'
   config.download = True  # prepare a tfds dataset that is not prepared yet (needs TensorFlow)
   config.image_size = 0  # 0 = keep the dataset's size; else centre-crop/resize to this size
-  # Keep the training split on the device when it is at most this many bytes.
+  config.image_channels = 0  # folder: 1 or 3 converts every image; 0 = theirs (must agree)
+  # A split of at most this many bytes is read into memory, and the training split kept on the
+  # device; a larger one streams from disk, decoded in `data_workers` grain worker processes.
   config.data_on_device_max_bytes = 2 * 1024**3
+  config.data_workers = 8
 
   config.seed = 0
   config.batch_size = 32

@@ -15,7 +15,6 @@ import math
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import jax
 import numpy as np
 
 from train import input_pipeline
@@ -515,19 +514,3 @@ class BatchOrder:
       mask = epochs == epoch
       out[mask] = self._permutation(int(epoch))[offsets[mask]]
     return out.reshape(num_steps, self.batch_size)
-
-
-def sharded_batch(images: np.ndarray, indices: np.ndarray, sharding) -> jax.Array:
-  """The global array `images[indices]`, laid out by `sharding`, built shard by shard.
-
-  Each process gathers only the rows its own devices hold, so on a pod slice every host reads
-  just its share of the global batch.
-
-  Args:
-    images: uint8 `[N, H, W, C]` in host memory.
-    indices: int `[...]` global example indices, e.g. `[k, B]` for k steps of batch B.
-    sharding: a `jax.sharding.Sharding` for the result, of shape `indices.shape + (H, W, C)`.
-  """
-  shape = indices.shape + images.shape[1:]
-  return jax.make_array_from_callback(
-      shape, sharding, lambda index: images[indices[index[:indices.ndim]]])

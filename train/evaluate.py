@@ -11,7 +11,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
-from train import data as data_lib
 from train import input_pipeline
 from train.step import to_model_input
 from vqvae_jax import VQVAE
@@ -107,7 +106,7 @@ class Evaluator:
 
   def reconstructions(self, variables: Any, images: np.ndarray) -> np.ndarray:
     """uint8 reconstructions of a few images (replicated: every process gets all of them)."""
-    images = data_lib.sharded_batch(images, np.arange(len(images)), self.replicated)
+    images = input_pipeline.sharded_batch(images, np.arange(len(images)), self.replicated)
     recon = jax.device_get(self._reconstruct(variables, images))
     return np.clip(np.round((recon + 0.5) * 255), 0, 255).astype(np.uint8)
 

@@ -340,3 +340,19 @@ def sharded_split(data, batch_size: int, sharding: jax.sharding.Sharding,
   for local, weights in split_batches(as_source(data), batch_size, rows, workers):
     yield (global_array(local, rows, sharding, shape, 0),
            global_array(weights, rows, sharding, shape, 0))
+
+
+def sharded_batch(images: np.ndarray, indices: np.ndarray, sharding) -> jax.Array:
+  """The global array `images[indices]`, laid out by `sharding`, built shard by shard.
+
+  Each process gathers only the rows its own devices hold, so on a pod slice every host reads
+  just its share of the global batch.
+
+  Args:
+    images: uint8 `[N, H, W, C]` in host memory.
+    indices: int `[...]` global example indices, e.g. `[k, B]` for k steps of batch B.
+    sharding: a `jax.sharding.Sharding` for the result, of shape `indices.shape + (H, W, C)`.
+  """
+  shape = indices.shape + images.shape[1:]
+  return jax.make_array_from_callback(
+      shape, sharding, lambda index: images[indices[index[:indices.ndim]]])

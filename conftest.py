@@ -25,3 +25,23 @@ XLA_FLAGS_FOR_DEVICES = ('--xla_force_host_platform_device_count={} '
 os.environ.setdefault('XLA_FLAGS', XLA_FLAGS_FOR_DEVICES.format(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('VQVAE_NOTEBOOK_SMOKE', '1')
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  """The 8 CPU devices on one `data` axis, for the multi-device tests."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < 8:
+    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  return Mesh(np.array(jax.devices()[:8]), ('data',))
+
+
+def normal(shape, seed=0, scale=1.0):
+  """float32 normal samples of `shape`, scaled, from `jax.random.key(seed)`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.random.normal(jax.random.key(seed), shape) * scale

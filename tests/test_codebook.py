@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae_jax import (RECOMMENDED, VQVAE, VectorQuantizer, VectorQuantizerEMA,
                        merge_codebook_offset, usage_metrics)
@@ -304,13 +304,6 @@ def test_kmeans_lloyd_iterations_improve_on_kmeans_plus_plus():
 
 
 # ---- multi-device ----
-
-@pytest.fixture(scope='module')
-def mesh():
-  if jax.device_count() < 8:
-    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.array(jax.devices()[:8]), ('data',))
-
 
 @pytest.mark.parametrize('cls', QUANTIZERS)
 def test_shard_map_with_axis_name_makes_the_same_codebook_changes(mesh, cls):

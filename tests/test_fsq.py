@@ -13,19 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import normal
 from vqvae_jax import FSQ
 from vqvae_jax.fsq import RECOMMENDED_LEVELS
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'fsq_golden.npz')
-
-
-@pytest.fixture(scope='module')
-def mesh():
-  if jax.device_count() < 8:
-    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.array(jax.devices()[:8]), ('data',))
 
 
 @pytest.fixture(scope='module')
@@ -34,10 +28,6 @@ def golden():
   return [{key: data[f'{key}_{i}'] for key in ('levels', 'inputs', 'quantized', 'indices',
                                                'codebook')}
           for i in range(len([k for k in data if k.startswith('levels_')]))]
-
-
-def normal(shape, seed=0, scale=1.0):
-  return jax.random.normal(jax.random.key(seed), shape) * scale
 
 
 def by_hand(levels, eps=1e-3):

@@ -13,27 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import normal
 from vqvae_jax import LFQ
 from vqvae_jax.codebook import perplexity_from_counts
 from vqvae_jax.lfq import MAX_EXACT_ENTROPY_DIM, code_distribution
 
 
-@pytest.fixture(scope='module')
-def mesh():
-  if jax.device_count() < 8:
-    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.array(jax.devices()[:8]), ('data',))
-
-
 def apply(module, x, method=None):
   """`module.apply({}, x, method=method)`, jitted: one compilation instead of one per op."""
   return jax.jit(functools.partial(module.apply, {}, method=method))(x)
-
-
-def normal(shape, seed=0, scale=1.0):
-  return jax.random.normal(jax.random.key(seed), shape) * scale
 
 
 def all_codes(d):

@@ -7,19 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqvae_jax import VQVAE, VectorQuantizerEMA
 
 SMALL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=8, num_embeddings=32,
              embedding_dim=8, decay=0.9)
-
-
-@pytest.fixture(scope='module')
-def mesh():
-  if jax.device_count() < 8:
-    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.array(jax.devices()[:8]), ('data',))
 
 
 def train_call(model, variables, x):

@@ -13,23 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import normal
 from vqvae_jax import ResidualVQ, VectorQuantizer, VectorQuantizerEMA
 from vqvae_jax.codebook import perplexity_from_counts
 
 K, D = 8, 4
-
-
-@pytest.fixture(scope='module')
-def mesh():
-  if jax.device_count() < 8:
-    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.array(jax.devices()[:8]), ('data',))
-
-
-def normal(shape, seed=0, scale=1.0):
-  return jax.random.normal(jax.random.key(seed), shape) * scale
 
 
 @functools.partial(jax.jit, static_argnames=('module', 'train'))

@@ -13,25 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import normal
 from vqvae_jax import VectorQuantizer, VectorQuantizerEMA
 from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, ROTATION_ANTIPODAL_TOLERANCE,
                                   rotation_trick)
 
 K, D = 16, 6
 QUANTIZERS = [VectorQuantizer, VectorQuantizerEMA]
-
-
-@pytest.fixture(scope='module')
-def mesh():
-  if jax.device_count() < 8:
-    pytest.fail('needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.array(jax.devices()[:8]), ('data',))
-
-
-def normal(shape, seed=0, scale=1.0):
-  return jax.random.normal(jax.random.key(seed), shape) * scale
 
 
 def make(cls, rotation, **kwargs):

@@ -125,6 +125,21 @@ def test_embed_keeps_the_index_shape():
                                 codes)
 
 
+@pytest.mark.parametrize('dtype', [jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.uint32])
+def test_embed_of_narrow_integer_codes_equals_int32(dtype):
+  """The mixed radix of 64,000 codes does not fit int8 or int16: embed widens them first (it
+  gave NaN for code 5 as int8)."""
+  fsq = FSQ((8, 8, 8, 5, 5, 5))
+  wide = np.arange(min(jnp.iinfo(dtype).max, 63_999) + 1, dtype=np.int64)
+  wide = wide[np.linspace(0, len(wide) - 1, 97).astype(int)]
+  want = fsq.apply({}, jnp.asarray(wide, jnp.int32), method=FSQ.embed)
+  narrow = jnp.asarray(wide, dtype)
+  np.testing.assert_array_equal(fsq.apply({}, narrow, method=FSQ.embed), want)
+  np.testing.assert_array_equal(jax.jit(lambda i: fsq.apply({}, i, method=FSQ.embed))(narrow),
+                                want)
+  assert not np.any(np.isnan(want))
+
+
 # ---- Gradient ----
 
 @pytest.mark.parametrize('levels', [(8, 5, 4), (7, 6, 2), (16, 3, 8, 5)])

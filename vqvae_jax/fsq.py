@@ -197,9 +197,10 @@ class FSQ(nn.Module):
       ValueError: concrete `indices` hold a value outside `[0, prod(levels))`; the message
         names it.
     """
-    indices = check_codes(indices, self.codebook_size, 'FSQ.embed')
+    indices = jnp.asarray(check_codes(indices, self.codebook_size, 'FSQ.embed'))
+    if indices.dtype.itemsize < 4:  # the radix and the range check overflow int8/int16
+      indices = indices.astype(jnp.int32)
     levels, half_width, basis = self._constants()
-    indices = jnp.asarray(indices)
     digits = (indices[..., None] // basis) % levels
     half_width = half_width.astype(np.float32)
     codes = (digits.astype(jnp.float32) - half_width) / half_width

@@ -289,5 +289,6 @@ def test_two_processes_each_read_only_their_half(tmp_path):
   assert [r['rows'] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]
   for process, result in enumerate(results):
     want = order.indices(0, 6)[:, 4 * process:4 * process + 4].reshape(-1)
-    assert result['read'] == want.tolist()  # its half of each batch, and nothing else
+    # Its half of each batch and nothing else (grain's threads may read two steps at once).
+    assert sorted(result['read']) == sorted(want.tolist())
     np.testing.assert_allclose(result['sums'], images[order.indices(0, 6)].sum(axis=1))

@@ -76,7 +76,8 @@ def codes_of(module, variables, indices):
 @pytest.mark.parametrize('cls', QUANTIZERS)
 def test_forward_is_the_code_and_the_rest_is_the_default(cls, options):
   """Indices, counts, losses and perplexity equal the default estimator's bitwise; `quantized`
-  is the code bitwise (`embed(indices)`). The default's `e + sg(q - e)` rounds: it is within a
+  is the code bitwise (`embed(indices)`; within 4 ulps where the code is computed from the
+  codebook). The default's `e + sg(q - e)` rounds: it is within a
   few ulps of the code, not always the code, so it cannot be the bitwise reference."""
   x = normal((3, 20, D))
   variables = init(cls, x, **options)
@@ -86,7 +87,11 @@ def test_forward_is_the_code_and_the_rest_is_the_default(cls, options):
     np.testing.assert_array_equal(getattr(rotated, field), getattr(default, field))
   assert len(np.unique(default.indices)) > 4
   codes = make(cls, True, **options).apply(variables, rotated.indices, method='embed')
-  np.testing.assert_array_equal(rotated.quantized, codes)
+  if options:  # codes computed from the codebook (normalised, projected) in two programs:
+    # XLA may round them an ulp apart (seen with jax 0.12, cosine codes)
+    np.testing.assert_allclose(rotated.quantized, codes, rtol=4 * np.finfo(np.float32).eps)
+  else:
+    np.testing.assert_array_equal(rotated.quantized, codes)
   scale = np.maximum(np.abs(np.asarray(x)), np.abs(np.asarray(codes)))
   assert np.all(np.abs(default.quantized - codes) <= 4 * np.finfo(np.float32).eps * scale + 1e-7)
 

@@ -10,11 +10,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from conftest import XLA_FLAGS_FOR_DEVICES
 from train import data, loop, prior_training, trainer
-from train.checkpoints import load_model
+from train.checkpoints import load_model, read_run_info
 from train.configs import prior_quickstart
 from train.errors import UserError
 from vqvae_jax import VQVAE
@@ -75,6 +76,34 @@ def test_tfds_labels_come_with_the_images():
   assert loaded.train_labels.dtype == np.int32 and loaded.train_labels.max() < 10
 
 
+def test_a_streamed_tfds_split_gives_the_conditional_prior_its_labels(tmp_path):
+  """A tfds split over `data_on_device_max_bytes` streams, with no labels read up front.
+  Encoding it reads each record's label with its image: the cached codes and labels equal
+  those of the same split read into memory, and the prior trains on the 10 classes."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  vqvae_dir, prior_dir = str(tmp_path / 'vqvae'), str(tmp_path / 'prior')
+  with tfds.testing.mock_data(num_examples=48):
+    in_memory = data.load(tiny_config(dataset='cifar10'))
+    trainer.train_and_evaluate(
+        tiny_config(dataset='cifar10', data_on_device_max_bytes=0, data_workers=0,
+                    num_train_steps=2, eval_every_steps=2), vqvae_dir)
+    streamed = data.load(ml_collections.ConfigDict(read_run_info(vqvae_dir)['config']))
+    assert streamed.train_labels is None and streamed.class_names == in_memory.class_names
+    prior_training.train_and_evaluate(
+        tiny_prior_config(vqvae_dir, num_train_steps=2, eval_every_steps=2, num_samples=0),
+        prior_dir)
+  with np.load(os.path.join(prior_dir, prior_training.CODES_FILE)) as cached:
+    np.testing.assert_array_equal(cached['train_labels'], in_memory.train_labels)
+    np.testing.assert_array_equal(cached['eval_labels'], in_memory.eval_labels)
+    model, variables = load_model(vqvae_dir)
+    mesh = loop.data_mesh()
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    codes, labels = prior_training.encode_codes(model, variables, in_memory.train, mesh, 32)
+    np.testing.assert_array_equal(cached['train_codes'], codes)
+    assert labels is None and len(np.unique(cached['train_labels'])) > 1
+  assert len(read_run_info(prior_dir)['class_names']) == 10
+
+
 def test_prior_trains_logs_baselines_and_writes_samples(vqvae_workdir, prior_workdir):
   lines = read_metrics(prior_workdir)
   assert [line['step'] for line in lines] == [2, 4, 4]
@@ -92,9 +121,9 @@ def test_prior_trains_logs_baselines_and_writes_samples(vqvae_workdir, prior_wor
   expected = model.apply(variables, images.astype(np.float32) / 255 - 0.5, method=VQVAE.encode)
   np.testing.assert_array_equal(eval_codes[:32], expected)
   assert eval_codes.shape == (1000, 8, 8) and train_labels.shape == (20_000,)
-  samples = Image.open(os.path.join(prior_workdir, 'samples.png'))
-  assert samples.width >= 8 * 32 and samples.height >= 2 * 32
-  info = json.load(open(os.path.join(prior_workdir, 'run.json')))
+  with Image.open(os.path.join(prior_workdir, 'samples.png')) as samples:
+    assert samples.width >= 8 * 32 and samples.height >= 2 * 32
+  info = read_run_info(prior_workdir)
   assert info['grid_shape'] == [8, 8] and info['class_names'] == list(data.QUICKSTART_TRAIN_PHOTOS)
 
 
@@ -130,6 +159,24 @@ def test_prior_resume_after_sigterm_continues_identically(vqvae_workdir, tmp_pat
           read_metrics(resumed)[-1]['eval_bits_per_code'])
 
 
+@pytest.mark.parametrize('num_train_steps', [0, 1, 200, 201, 1_000])
+def test_the_schedule_warms_up_then_decays_at_any_run_length(num_train_steps):
+  """Runs as long as their warmup (200) or shorter raised in optax before: no decay steps."""
+  config = prior_quickstart.get_config()
+  config.update(num_train_steps=num_train_steps, learning_rate=1.0)
+  schedule = prior_training.learning_rate_schedule(config)
+  warmup = min(200, num_train_steps)
+  assert float(schedule(0)) == (0.0 if warmup else 1.0)
+  if warmup:
+    assert float(schedule(warmup // 2)) == pytest.approx((warmup // 2) / warmup)
+    assert float(schedule(warmup)) == pytest.approx(1.0)
+  if num_train_steps > warmup:
+    halfway = (warmup + num_train_steps) / 2
+    assert float(schedule(halfway)) == pytest.approx(0.55, abs=0.01)
+    assert float(schedule(num_train_steps)) == pytest.approx(0.1)
+  prior_training.make_optimizer(config)
+
+
 def test_prior_refuses_a_missing_vqvae_and_writes_nothing(tmp_path):
   workdir = tmp_path / 'prior'
   with pytest.raises(UserError, match=r"config.vqvae_workdir='nowhere' is not a directory"):
@@ -152,8 +199,8 @@ def test_sample_command_writes_the_grid_and_the_codes(prior_workdir, tmp_path):
     codes, labels = saved['codes'], saved['labels']
   assert codes.shape == (16, 8, 8) and codes.dtype == np.int32
   np.testing.assert_array_equal(labels, np.zeros(16))  # astronaut is label 0
-  image = Image.open(out)
-  assert image.width >= 8 * 32 and image.height >= 2 * 32
+  with Image.open(out) as image:
+    assert image.width >= 8 * 32 and image.height >= 2 * 32
   prior, params, _ = prior_training.load_prior(prior_workdir)
   from vqvae_jax.prior import sample  # pylint: disable=g-import-not-at-top
   expected = sample(prior, params, jax.random.key(3), labels=np.zeros(16, np.int32), top_k=8)
@@ -200,7 +247,7 @@ def test_sampling_bench_times_both_samplers_on_the_same_samples(tmp_path):
   out = tmp_path / 'bench.json'
   prior_sampling.main(['--grids=2x3', '--batch_size=4', '--rounds=1', f'--out={out}',
                        f'--markdown={tmp_path / "bench.md"}'])
-  result, = json.load(open(out))['results']
+  result, = json.loads(out.read_text())['results']
   assert result['grid'] == [2, 3] and result['positions'] == 6 and result['identical_samples']
   assert result['cached_codes_per_sec'] > 0 and result['uncached_codes_per_sec'] > 0
   assert '| 2x3 | 6 | 4 |' in (tmp_path / 'bench.md').read_text()

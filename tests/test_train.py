@@ -108,7 +108,7 @@ def test_tfds_mock_data_end_to_end(tmp_path):
   with tfds.testing.mock_data(num_examples=48):
     result = trainer.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(result['eval_nmse']) and result['eval_psnr'] > 0
-  info = json.load(open(tmp_path / 'run.json'))
+  info = json.loads((tmp_path / 'run.json').read_text())
   assert info['image_shape'] == [32, 32, 3]
   assert 0.01 < info['data_variance'] < 0.2  # random uint8 pixels: ~1/12
 
@@ -151,7 +151,7 @@ def test_npz_and_folder_datasets(tmp_path):
   trainer.train_and_evaluate(
       tiny_config(dataset=f'folder:{folder}', image_size=16, num_train_steps=2,
                   eval_every_steps=2), str(tmp_path / 'folder_run'))
-  assert json.load(open(tmp_path / 'folder_run' / 'run.json'))['image_shape'] == [16, 16, 3]
+  assert json.loads((tmp_path / 'folder_run' / 'run.json').read_text())['image_shape'] == [16, 16, 3]
 
 
 def test_resume_continues_identically(tmp_path):

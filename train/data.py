@@ -60,7 +60,8 @@ class ImageData:
       `VARIANCE_SAMPLE` images evenly spread over it.
     class_names: the labels' names, label `i` is `class_names[i]`; empty when the dataset has
       no labels.
-    train_labels: int32 `[N]` labels of the training images, or None.
+    train_labels: int32 `[N]` labels of the training images, or None; None too for a streamed
+      tfds split, whose labels come with its images (`TfdsSource.with_labels`).
     eval_labels: int32 `[M]` labels of the held-out images, or None (the quickstart's held-out
       photos are none of its training photos).
     skipped: `() -> paths` of the image files found unreadable so far (folders only).
@@ -138,9 +139,14 @@ def read(splits: Splits, config, workdir: str = '') -> ImageData:
                    skipped=folder.skipped if folder is not None else (lambda: ()))
 
 
+def fits_in_memory(num_images: int, image_shape: Tuple[int, ...], config) -> bool:
+  """Whether a split of `num_images` uint8 images is read whole rather than streamed."""
+  return num_images * math.prod(image_shape) <= config.data_on_device_max_bytes
+
+
 def _read_if_small(source, config):
-  if isinstance(source, np.ndarray) or \
-      len(source) * math.prod(source.image_shape) > config.data_on_device_max_bytes:
+  if isinstance(source, np.ndarray) or not fits_in_memory(len(source), source.image_shape,
+                                                          config):
     return source
   return input_pipeline.materialize(source, config.data_workers)
 
@@ -395,7 +401,8 @@ def _tfds(config, split: str) -> Tuple[Any, Optional[np.ndarray]]:
 
   A split of at most `config.data_on_device_max_bytes` is read whole: its images, and its
   int32 labels when the dataset has a `label` class feature (else None). A larger one is a
-  `TfdsSource` that decodes on demand, with no labels.
+  `TfdsSource` that decodes on demand; its labels (None here) are read with its images, by
+  whatever needs them (`TfdsSource.with_labels`).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.data_dir or None
@@ -425,14 +432,15 @@ def _tfds(config, split: str) -> Tuple[Any, Optional[np.ndarray]]:
   except ValueError as e:
     raise UserError(f'dataset {config.dataset!r} has no split {split!r}: {e}') from None
   shape = _tfds_image_shape(builder, image_key, source, config)
-  if len(source) * math.prod(shape) > config.data_on_device_max_bytes:
+  label_key = 'label' if _class_names(builder) else None
+  if not fits_in_memory(len(source), shape, config):
     return input_pipeline.TfdsSource(config.dataset, split, data_dir, image_key,
-                                     config.image_size, shape, len(source)), None
+                                     config.image_size, shape, len(source), label_key), None
   examples = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(example[image_key]) for example in examples])
-  if not _class_names(builder):
+  if label_key is None:
     return images, None
-  return images, np.asarray([example['label'] for example in examples], np.int32)
+  return images, np.asarray([example[label_key] for example in examples], np.int32)
 
 
 def _tfds_image_shape(builder, image_key: str, source, config) -> Tuple[int, int, int]:
@@ -442,7 +450,7 @@ def _tfds_image_shape(builder, image_key: str, source, config) -> Tuple[int, int
   if config.image_size:
     return (config.image_size, config.image_size, channels)
   if height is None or width is None:
-    if len(source) * 3 * 256 * 256 > config.data_on_device_max_bytes:
+    if not fits_in_memory(len(source), (256, 256, 3), config):  # a guess at typical photos
       raise UserError(f'dataset {config.dataset!r} has images of varying sizes; set '
                       f'--config.image_size (e.g. 128) to centre-crop and resize them.')
     return tuple(np.asarray(source[0][image_key]).shape)

@@ -22,6 +22,7 @@ those rows out as the global `jax.Array`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Iterator, Optional, Sequence, Tuple
@@ -167,12 +168,19 @@ class TfdsSource(_DecodingSource):
   """A split of a prepared tfds dataset, read through `tfds.data_source` (no TensorFlow).
 
   The tfds reader is opened lazily in each process that reads, so the source pickles small.
+  A split this large has its labels read with its images, never on their own: reading a
+  label means reading its whole record (`with_labels`).
+
+  Attributes:
+    label_key: the examples' class-label feature, or None when the dataset has none.
   """
 
   def __init__(self, name: str, split: str, data_dir: Optional[str], image_key: str,
-               image_size: int, image_shape: Tuple[int, int, int], length: int):
+               image_size: int, image_shape: Tuple[int, int, int], length: int,
+               label_key: Optional[str] = None):
     self.name, self.split, self.data_dir, self.image_key = name, split, data_dir, image_key
     self.image_size, self.image_shape, self._length = image_size, image_shape, length
+    self.label_key = label_key
     self._reader = None
 
   def __getstate__(self):
@@ -192,12 +200,47 @@ class TfdsSource(_DecodingSource):
     return self._source()[index]
 
   def decode(self, index: int) -> np.ndarray:
-    image = np.asarray(self.example(index)[self.image_key])
+    return self.fit(self.example(index)[self.image_key])
+
+  def fit(self, image) -> np.ndarray:
+    """A decoded image feature as uint8 `image_shape`."""
+    image = np.asarray(image)
     if image.shape == tuple(self.image_shape):
       return image
     from PIL import Image  # pylint: disable=g-import-not-at-top
     return fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image),
                      self.image_size, self.image_shape[-1])
+
+  def with_labels(self) -> 'LabeledTfdsSource':
+    if self.label_key is None:
+      raise ValueError(f'tfds dataset {self.name!r} has no class labels.')
+    return LabeledTfdsSource(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledTfdsSource:
+  """A `TfdsSource`'s images and labels, each record read once (e.g. to encode a split for a
+  class-conditional prior): `rows` gives `{'images': uint8 [n, H, W, C], 'labels': int32 [n]}`."""
+
+  source: TfdsSource
+  decodes = True
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    return self.source.image_shape
+
+  def rows(self, indices: np.ndarray) -> PyTree:
+    indices = np.asarray(indices).reshape(-1)
+    images = np.empty((len(indices),) + tuple(self.image_shape), np.uint8)
+    labels = np.empty(len(indices), np.int32)
+    for i, index in enumerate(indices):
+      example = self.source.example(int(index))
+      images[i], labels[i] = self.source.fit(example[self.source.image_key]), \
+          example[self.source.label_key]
+    return {'images': images, 'labels': labels}
 
 
 # ---- Which rows this process reads ----
@@ -242,16 +285,26 @@ def global_array(local: PyTree, rows: np.ndarray, sharding: jax.sharding.Shardin
 # ---- Pipelines ----
 
 
-def _read(dataset: grain.MapDataset, source, workers: int) -> grain.IterDataset:
-  """Reads `dataset` ahead: in `workers` processes for a decoding source, else in threads."""
+def _read(dataset: grain.MapDataset, source, workers: int) -> Iterator[PyTree]:
+  """Reads `dataset` ahead: in `workers` processes for a decoding source, else in threads.
+
+  Closing the generator (or running it to the end) stops the threads and worker processes
+  at once, rather than whenever the iterator is garbage-collected.
+  """
   if source.decodes and workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: in tests, a notebook
       flags.FLAGS.mark_as_parsed()
-    return dataset.to_iter_dataset(grain.ReadOptions(
+    ahead = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=WORKER_THREADS, prefetch_buffer_size=WORKER_BUFFER)).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers,
                                          per_worker_buffer_size=WORKER_BUFFER))
-  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  else:
+    ahead = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  iterator = iter(ahead)
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +333,7 @@ def step_batches(source, order, first_step: int, last_step: int, rows: np.ndarra
     `source.rows` of each step's examples at `rows`: `[len(rows), ...]`.
   """
   dataset = grain.MapDataset.range(first_step, last_step).map(_StepRows(source, order, rows))
-  return iter(_read(dataset, source, workers))
+  return _read(dataset, source, workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,18 +356,18 @@ def split_batches(source, batch_size: int, rows: np.ndarray,
   num_batches = -(-len(source) // batch_size)
   dataset = grain.MapDataset.range(num_batches).map(_SplitRows(source, batch_size, rows))
   workers = workers if len(source) >= MIN_IMAGES_FOR_WORKERS else 0
-  return iter(_read(dataset, source, workers))
+  return _read(dataset, source, workers)
 
 
 def materialize(source, workers: int, batch_size: int = 256) -> np.ndarray:
   """Every example of a decoding source, in order, as one host array."""
   out = np.empty((len(source),) + tuple(source.image_shape), np.uint8)
   everything = np.arange(batch_size)
-  for batch, (images, _) in enumerate(split_batches(source, batch_size, everything, workers)):
-    start = batch * batch_size
-    out[start:start + batch_size] = images[:len(source) - start]
+  with contextlib.closing(split_batches(source, batch_size, everything, workers)) as batches:
+    for batch, (images, _) in enumerate(batches):
+      start = batch * batch_size
+      out[start:start + batch_size] = images[:len(source) - start]
   return out
-
 
 
 def as_source(data):
@@ -337,9 +390,10 @@ def sharded_split(data, batch_size: int, sharding: jax.sharding.Sharding,
   """
   rows = process_rows(sharding, (batch_size,), 0)
   shape = lambda leaf: (batch_size,) + leaf.shape[1:]
-  for local, weights in split_batches(as_source(data), batch_size, rows, workers):
-    yield (global_array(local, rows, sharding, shape, 0),
-           global_array(weights, rows, sharding, shape, 0))
+  with contextlib.closing(split_batches(as_source(data), batch_size, rows, workers)) as batches:
+    for local, weights in batches:
+      yield (global_array(local, rows, sharding, shape, 0),
+             global_array(weights, rows, sharding, shape, 0))
 
 
 def sharded_batch(images: np.ndarray, indices: np.ndarray, sharding) -> jax.Array:

@@ -263,7 +263,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
         print(f'SIGTERM: saved a checkpoint at step {step}; exiting.', flush=True)
         break
   finally:
-    if not on_device and hasattr(batches, 'close'):
+    if not on_device:
       batches.close()  # stops grain's worker processes
     checkpoints.close()
     logs.close()

@@ -90,13 +90,21 @@ def prior_from_config(config: ml_collections.ConfigDict, num_embeddings: int,
     raise UserError(f'config.model: {e}') from None
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """A linear warmup from 0 over `warmup_steps`, then a cosine decay to a tenth of the rate
+  at `num_train_steps`. A run no longer than its warmup only warms up (optax needs a decay of
+  at least one step)."""
+  warmup_steps = min(config.warmup_steps, config.num_train_steps)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, warmup_steps, max(config.num_train_steps, warmup_steps + 1),
+      end_value=0.1 * config.learning_rate)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with a linear warmup and a cosine decay, as transformers are usually trained."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, min(config.warmup_steps, config.num_train_steps),
-      max(config.num_train_steps, 1), end_value=0.1 * config.learning_rate)
+  """AdamW with `learning_rate_schedule`, as transformers are usually trained."""
   return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b2=0.95, weight_decay=config.weight_decay))
+                     optax.adamw(learning_rate_schedule(config), b2=0.95,
+                                 weight_decay=config.weight_decay))
 
 
 def create_train_state(prior: CodePrior, tx: optax.GradientTransformation, rng: jax.Array,
@@ -137,21 +145,36 @@ def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
 
 
 def encode_codes(vqvae: VQVAE, variables: Any, images, mesh: jax.sharding.Mesh,
-                 batch_size: int, workers: int = 0) -> np.ndarray:
-  """int32 `[N, H/4, W/4]` code grids of uint8 images `[N, H, W, C]` (or of a source, streamed
-  through `input_pipeline.sharded_split`), in sharded batches.
+                 batch_size: int, workers: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """Code grids of a split, in sharded batches.
 
-  `variables` must be replicated on `mesh`.
+  Args:
+    vqvae, variables: the VQ-VAE; `variables` replicated on `mesh`.
+    images: uint8 `[N, H, W, C]`, a source streamed through `input_pipeline.sharded_split`,
+      or a source whose rows are `{'images', 'labels'}` (`TfdsSource.with_labels`).
+    mesh, batch_size: the batches' layout; `batch_size` is rounded up to the devices.
+    workers: worker processes for a decoding source.
+
+  Returns:
+    `(codes, labels)`: int32 `[N, H/4, W/4]`, and the int32 `[N]` labels read with the images
+    (None when the source has none).
   """
   batch_sharding = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  encode = jax.jit(lambda v, x: vqvae.apply(v, to_model_input(x), method=VQVAE.encode),
-                   out_shardings=replicated)
-  grids = [np.asarray(jax.device_get(encode(variables, batch)))
-           for batch, _ in input_pipeline.sharded_split(images, batch_size, batch_sharding,
-                                                        workers)]
-  return np.concatenate(grids)[:len(images)].astype(np.int32)
+
+  def encode_batch(variables, batch):
+    pixels, labels = (batch['images'], batch['labels']) if isinstance(batch, dict) else \
+        (batch, None)
+    return vqvae.apply(variables, to_model_input(pixels), method=VQVAE.encode), labels
+
+  encode = jax.jit(encode_batch, out_shardings=replicated)
+  batches = [jax.device_get(encode(variables, batch))
+             for batch, _ in input_pipeline.sharded_split(images, batch_size, batch_sharding,
+                                                          workers)]
+  codes, labels = (np.concatenate(parts)[:len(images)].astype(np.int32)
+                   if parts[0] is not None else None for parts in zip(*batches))
+  return codes, labels
 
 
 def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae: VQVAE,
@@ -172,12 +195,20 @@ def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae:
   print(f'Encoding {len(images.train)} training and {len(images.eval)} held-out images with '
         f'the VQ-VAE in {config.vqvae_workdir} (step {vqvae_step}); cached in {path}.',
         flush=True)
-  encode = functools.partial(encode_codes, vqvae, vqvae_variables, mesh=mesh,
-                             batch_size=config.eval_batch_size,
-                             workers=vqvae_config.get('data_workers', 0))
-  codes = CodeData(train_codes=encode(images.train), eval_codes=encode(images.eval),
-                   class_names=tuple(images.class_names), train_labels=images.train_labels,
-                   eval_labels=images.eval_labels, vqvae_step=vqvae_step)
+
+  def encode(split, labels):
+    if labels is None and isinstance(split, input_pipeline.TfdsSource) and split.label_key:
+      split = split.with_labels()  # a streamed split's labels, read with its images
+    codes, streamed_labels = encode_codes(vqvae, vqvae_variables, split, mesh,
+                                          config.eval_batch_size,
+                                          vqvae_config.get('data_workers', 0))
+    return codes, labels if streamed_labels is None else streamed_labels
+
+  (train_codes, train_labels), (eval_codes, eval_labels) = (
+      encode(images.train, images.train_labels), encode(images.eval, images.eval_labels))
+  codes = CodeData(train_codes=train_codes, eval_codes=eval_codes,
+                   class_names=tuple(images.class_names), train_labels=train_labels,
+                   eval_labels=eval_labels, vqvae_step=vqvae_step)
   if jax.process_index() == 0:
     arrays = {key: value for key, value in dataclasses.asdict(codes).items()
               if value is not None}

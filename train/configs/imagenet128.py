@@ -37,6 +37,8 @@ Step rate: not measured on an accelerator; no accelerator was available to the s
 wrote this config (docs/data.md).
 """
 
+import os
+
 from train.configs import cifar10
 
 
@@ -48,7 +50,7 @@ def get_config(quantizer_family: str = ''):
   config.download = False  # tfds cannot download ImageNet: prepare it by hand first
   config.image_size = 128
   config.image_channels = 3  # a few ImageNet JPEGs are grayscale or CMYK: all become RGB
-  config.data_workers = 16
+  config.data_workers = min(16, os.cpu_count() or 1)
 
   config.batch_size = 128
   config.learning_rate = 2e-4

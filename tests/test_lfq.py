@@ -185,6 +185,21 @@ def test_code_distribution_is_the_softmax_over_every_code(groups):
     np.testing.assert_allclose(probs[:, k], marginal, rtol=1e-5, atol=1e-7)
 
 
+def test_code_distribution_keeps_its_matmuls_float32_on_every_backend():
+  """A TPU rounds a default-precision matmul's inputs to bfloat16, which would move logits of
+  up to 1e4 by tens; CPU tests cannot see that, so check the precision the program asks for."""
+  jaxpr = jax.make_jaxpr(lambda z: code_distribution(z, 0.01, 2))(jnp.zeros((8, 6)))
+  dots = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == 'dot_general']
+  assert len(dots) == 2
+  for eqn in dots:
+    assert eqn.params['precision'] in ((jax.lax.Precision.HIGHEST,) * 2,
+                                       jax.lax.Precision.HIGHEST), eqn.params['precision']
+  big = jnp.asarray([[30.0, -30.0, 0.5, 1e-3, -2.0, 7.0]])  # logits of up to 1.2e4 at T=0.01
+  probs = code_distribution(big, 0.01, 1)[0, 0]
+  assert float(jnp.sum(probs)) == pytest.approx(1.0, abs=1e-6)
+  assert int(jnp.argmax(probs)) == 0b101101  # the signs of z, bit d = dimension d
+
+
 @pytest.mark.parametrize('t, scale', [(0.5, 0.6), (0.01, 0.01), (0.01, 1.0)])
 def test_exact_entropy_equals_brute_force_over_every_code(t, scale):
   d = 4

@@ -25,7 +25,8 @@ Relation to google/praxis `praxis/layers/video/quantizer.py` (`LookupFreeQuantiz
     `2 z.c / T` (praxis' affinity `[2z, -2z] / T` per dimension, or `-distances = 2 z @ C^T`
     over the whole codebook); the per-sample entropy as an exact sum over dimensions (the
     factorised mode); the batch entropy from products of the per-dimension probabilities
-    (praxis' `_cartesian_prod`), so that no `[N, 2^D]` matrix exists with groups; the defaults
+    (praxis' `_cartesian_prod`; here summed in log space, see `code_distribution`), so that
+    no `[N, 2^D]` matrix exists with groups; the defaults
     0.25, 0.1, 0.01; the batch term's own weight (`diversity_weight` here,
     `entropy_loss_balance` there).
   * Different:
@@ -106,9 +107,16 @@ def code_distribution(latents: Array, temperature: float, groups: int = 1) -> Ar
 
   a product of per-dimension 2-way softmaxes with logits `+2 z_d / T` (for `c_d = +1`) and
   `-2 z_d / T` (for `c_d = -1`): `p(c_d = +1 | z) = sigmoid(4 z_d / T)`. A group's marginal is
-  the product over its dimensions, built here as an outer product one dimension at a time
-  (praxis' `_cartesian_prod`): elementwise float32 products, no matmul whose precision would
-  depend on the backend.
+  the product over its dimensions. It is computed in log space,
+
+      log p(s | z) = sum_j bit_j(s) log sigmoid(l_j) + (1 - bit_j(s)) log sigmoid(-l_j),
+
+  as two matmuls with the constant bit table: every term is `<= 0`, so the sums have no
+  cancellation (each log-probability is within a few ulps of itself), and
+  `Precision.HIGHEST` keeps the matmuls float32 on every backend (TPUs otherwise round their
+  inputs to bfloat16). The same products built one dimension at a time as elementwise outer
+  products (praxis' `_cartesian_prod`) took 84 ms against 1.7 ms for the gradient at
+  `N = 2,048, D = 9` on a 2-core CPU (docs/quantizers.md).
 
   Args:
     latents: `[N, D]`, any float dtype.
@@ -126,14 +134,16 @@ def code_distribution(latents: Array, temperature: float, groups: int = 1) -> Ar
     raise ValueError(f'groups must divide the latents\' last dimension {d}, got {groups!r}.')
   group_dim = d // groups
   logits = code_logits(latents, temperature).reshape(n, groups, group_dim)
-  p_plus, p_minus = jax.nn.sigmoid(logits), jax.nn.sigmoid(-logits)
-  per_dim = jnp.stack([p_minus, p_plus], axis=-1)  # [N, G, g, 2]: index 0 is -1, 1 is +1
-  # Start from the most significant dimension; each next one becomes the fastest axis, so the
-  # flat index is sum_j bit_j 2^j.
-  probs = per_dim[:, :, group_dim - 1]
-  for j in range(group_dim - 2, -1, -1):
-    probs = (probs[..., :, None] * per_dim[:, :, j, None, :]).reshape(n, groups, -1)
-  return probs
+  # [2^g, g], built from an iota rather than stored: at g = 16 it would be a 4 MB constant.
+  bits = (jnp.arange(2**group_dim, dtype=jnp.int32)[:, None] >>
+          jnp.arange(group_dim, dtype=jnp.int32)) & 1
+  log_plus, log_minus = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  log_probs = (
+      jnp.einsum('ngj,sj->ngs', log_plus, bits.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST) +
+      jnp.einsum('ngj,sj->ngs', log_minus, (1 - bits).astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST))
+  return jnp.exp(log_probs)
 
 
 def _entropy(probs: Array, axis: int = -1) -> Array:

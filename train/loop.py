@@ -1,5 +1,6 @@
 """The one training loop of the project: it trains the VQ-VAE (`train/trainer.py`) and the prior
-over its codes (`train/prior_training.py`).
+over its codes (`train/prior_training.py`). What the tasks share, the train state, its
+initialisation, the `k`-step scan and the config keys read here, is in `train/state.py`.
 
 A `Task` says what is trained: its host data, its state's initialisation, its `k`-step jit
 body and its evaluation. The loop does the rest, the same for every task: data-parallel jit
@@ -28,7 +29,7 @@ from train import data as data_lib
 from train import input_pipeline
 from train.checkpoints import Checkpoints, abstract_state
 from train.errors import UserError
-from train.step import TrainState
+from train.state import TrainState
 
 PyTree = Any
 Metrics = Dict[str, float]
@@ -217,7 +218,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh)
     # This process's rows of every batch, decoded ahead in grain's workers.
     rows = input_pipeline.process_rows(steps_sharding, (1, config.batch_size), axis=1)
     batches = input_pipeline.step_batches(source, order, step, config.num_train_steps, rows,
-                                          config.get('data_workers', 0))
+                                          config.data_workers)
   preemption = _Preemption()
   logs = _Logs(workdir, step, config.num_train_steps)
   last_eval: Metrics = {}

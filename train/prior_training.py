@@ -29,7 +29,8 @@ from train import loop
 from train.checkpoints import checkpoint_steps, load_model, read_run_info, restore_state, \
     write_run_info
 from train.errors import UserError
-from train.step import DTYPES, TrainState, to_model_input
+from train.state import DTYPES, TrainState, init_train_state, scan_steps
+from train.step import to_model_input
 from vqvae_jax import VQVAE
 from vqvae_jax.prior import CodePrior, baseline_bits_per_code, cross_entropy, sample
 
@@ -109,10 +110,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def create_train_state(prior: CodePrior, tx: optax.GradientTransformation, rng: jax.Array,
                        example: Dict[str, jax.Array]) -> TrainState:
-  init_rng, step_rng = jax.random.split(rng)
-  params = prior.init(init_rng, example['codes'], example.get('labels'))['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
-                    opt_state=tx.init(params), rng=jax.random.key_data(step_rng))
+  """A fresh state for `prior`; `example` holds `codes` `[1, h, w]` (and `labels` `[1]`)."""
+  return init_train_state(
+      lambda init_rng: prior.init(init_rng, example['codes'], example.get('labels')), tx, rng)
 
 
 def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
@@ -124,7 +124,7 @@ def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
 
   def one_step(state: TrainState, batch: Dict[str, jax.Array]):
     codes = batch['codes']
-    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_rng = state.step_key()
 
     def loss_fn(params):
       logits = prior.apply({'params': params}, codes, batch.get('labels'), train=True,
@@ -132,16 +132,10 @@ def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
       return jnp.mean(cross_entropy(logits, codes.reshape(len(codes), -1)))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state)
+    state = state.apply_gradients(tx, grads)
     return state, {'loss': loss, 'bits_per_code': loss / math.log(2)}
 
-  def train_steps(state: TrainState, batch: Dict[str, jax.Array]):
-    state, metrics = jax.lax.scan(one_step, state, batch)
-    return state, jax.tree.map(jnp.mean, metrics)
-
-  return train_steps
+  return scan_steps(one_step)
 
 
 def encode_codes(vqvae: VQVAE, variables: Any, images, mesh: jax.sharding.Mesh,

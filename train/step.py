@@ -1,4 +1,4 @@
-"""The train state and the jit-compiled training step: the seed's loss, optax, `k` steps per call.
+"""The VQ-VAE's training step: the seed's loss and optimizer, `k` steps per call (`train.state`).
 
 The loss is the seed's: `mse(recon, x) / data_variance + vq_loss`, with images scaled to
 `x / 255 - 0.5`. Batches arrive as uint8 and are scaled on the device.
@@ -6,33 +6,17 @@ The loss is the seed's: `mse(recon, x) / data_variance + vq_loss`, with images s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from train.errors import UserError
+from train.state import DTYPES, Metrics, TrainState, init_train_state, scan_steps
 from vqvae_jax import VQVAE
 
 Array = jax.Array
-Metrics = Dict[str, Array]
-
-
-@struct.dataclass
-class TrainState:
-  """Everything a training step reads and writes; a pytree, checkpointed whole."""
-
-  step: Array  # int32 scalar: optimizer steps taken
-  params: Any
-  batch_stats: Any  # the EMA quantizer's state; {} for the plain quantizer
-  opt_state: Any
-  rng: Array  # uint32 key data: the base key of the steps' random streams
-
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
 
 def model_from_config(model_config: Any, image_channels: int) -> VQVAE:
   """`VQVAE` from a config's `model` section; bad values raise a `UserError` naming them."""
@@ -63,12 +47,9 @@ def to_model_input(images_uint8: Array) -> Array:
 def create_train_state(model: VQVAE, tx: optax.GradientTransformation, rng: Array,
                        example_images: Array) -> TrainState:
   """A fresh state: the model's seed-like initialisation and the optimizer's."""
-  init_rng, step_rng = jax.random.split(rng)
-  variables = model.init(init_rng, to_model_input(example_images), train=False)
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=jax.random.key_data(step_rng))
+  return init_train_state(
+      lambda init_rng: model.init(init_rng, to_model_input(example_images), train=False), tx,
+      rng)
 
 
 def make_train_step(model: VQVAE, tx: optax.GradientTransformation
@@ -82,7 +63,7 @@ def make_train_step(model: VQVAE, tx: optax.GradientTransformation
 
   def one_step(state: TrainState, images_uint8: Array, data_variance: Array):
     images = to_model_input(images_uint8)
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step_rng = state.step_key()
 
     def loss_fn(params):
       (recon, vq), updates = model.apply(
@@ -93,18 +74,12 @@ def make_train_step(model: VQVAE, tx: optax.GradientTransformation
 
     (loss, (nmse, vq, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=batch_stats, opt_state=opt_state)
+    state = state.apply_gradients(tx, grads, batch_stats=batch_stats)
     return state, {'loss': loss, 'nmse': nmse, 'vq_loss': vq.loss, 'perplexity': vq.perplexity}
 
-  def train_steps(state: TrainState, images: Array, data_variance: Array):
-    # A scan body is not XLA's entry computation, where XLA:CPU rewrites convolutions into its
-    # fast form; `vqvae_jax.xla_cpu.conv2d` gives every convolution, gradients included, that
-    # form itself, which is what keeps a step in `scan` as fast as one outside it (0.5 s, not 35
-    # s, on CPU). Models whose convolutions bypass it lose that on CPU.
-    state, metrics = jax.lax.scan(lambda s, x: one_step(s, x, data_variance), state, images)
-    return state, jax.tree.map(jnp.mean, metrics)
-
-  return train_steps
+  # A scan body is not XLA's entry computation, where XLA:CPU rewrites convolutions into its
+  # fast form; `vqvae_jax.xla_cpu.conv2d` gives every convolution, gradients included, that
+  # form itself, which is what keeps a step in `scan` as fast as one outside it (0.5 s, not 35
+  # s, on CPU). Models whose convolutions bypass it lose that on CPU.
+  return scan_steps(one_step)
 

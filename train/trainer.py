@@ -15,8 +15,8 @@ from train import evaluate as evaluate_lib
 from train import loop
 from train.checkpoints import write_run_info
 from train.errors import UserError
-from train.step import TrainState, create_train_state, make_optimizer, make_train_step, \
-    model_from_config
+from train.state import TrainState
+from train.step import create_train_state, make_optimizer, make_train_step, model_from_config
 
 __all__ = ['train_and_evaluate', 'validate', 'UserError']
 

@@ -19,16 +19,15 @@ Another quantizer family at the same 9 bits per code: `--config train/configs/ci
 (or `:lfq`, `:rvq`, `:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizers.py`.
 """
 
-import os
-
 import ml_collections
 
+from train import state
 from train.configs import quantizers
 from vqvae_jax import RECOMMENDED
 
 
 def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+  config = state.loop_config()  # the loop's keys: steps, batches, logs, checkpoints, data_workers
   # Data: a tfds image dataset name, 'quickstart' (bundled photos), 'npz:PATH' or 'folder:PATH'.
   config.dataset = 'cifar10'
   config.data_dir = ''  # tfds data_dir; '' = tfds' default (~/tensorflow_datasets)
@@ -37,11 +36,8 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
   config.download = True  # prepare a tfds dataset that is not prepared yet (needs TensorFlow)
   config.image_size = 0  # 0 = keep the dataset's size; else centre-crop/resize to this size
   config.image_channels = 0  # folder: 1 or 3 converts every image; 0 = theirs (must agree)
-  # A split of at most this many bytes is read into memory, and the training split kept on the
-  # device; a larger one streams from disk, decoded in `data_workers` grain worker processes
-  # (no more than the host's cores: on a laptop, more would only take CPU from the step).
-  config.data_on_device_max_bytes = 2 * 1024**3
-  config.data_workers = min(8, os.cpu_count() or 1)
+  # A split of at most `data_on_device_max_bytes` is read into memory, and the training split
+  # kept on the device; a larger one streams from disk in `data_workers` grain processes.
 
   config.seed = 0
   config.batch_size = 32

@@ -13,14 +13,13 @@ label dropout trains alongside. The VQ-VAE's 8x8 code grids are 64 codes of 512.
 
 import ml_collections
 
+from train import state
+
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+  config = state.loop_config()  # the loop's keys: steps, batches, logs, checkpoints, data_workers
   config.vqvae_workdir = 'runs/quickstart'  # the --workdir of a trained VQ-VAE
   config.conditional = True  # class-conditional when the VQ-VAE's dataset has labels
-  # Keep the training codes on the device when they are at most this many bytes.
-  config.data_on_device_max_bytes = 2 * 1024**3
-
   config.seed = 0
   config.batch_size = 32
   config.learning_rate = 1e-3

@@ -153,14 +153,14 @@ def test_torch_compile_retry_patches_exactly_the_seeds_scatters():
 
 
 def test_lfq_bit_shares_find_a_dead_bit_from_code_counts():
-  from train.bench.lfq_bit_usage import bit_shares  # pylint: disable=g-import-not-at-top
+  from train.lfq_bit_usage import bit_shares  # pylint: disable=g-import-not-at-top
   counts = np.zeros(8)
   counts[[0b001, 0b011, 0b101, 0b111]] = [1, 3, 2, 2]  # bit 0 always set; bit 1 in 5 of 8
   np.testing.assert_allclose(bit_shares(counts, 3), [1.0, 5 / 8, 4 / 8])
 
 
 def test_lfq_bit_usage_trains_and_reports_every_bit(capsys):
-  from train.bench import lfq_bit_usage  # pylint: disable=g-import-not-at-top
+  from train import lfq_bit_usage  # pylint: disable=g-import-not-at-top
   lfq_bit_usage.main(['--bits=9', '--steps=2'])
   line = capsys.readouterr().out.strip().splitlines()[-1]
   assert re.match(r'LFQ at 9 bits, seed 0, 2 steps: held-out NMSE \d\.\d{4}, \d+ codes used, '

@@ -11,7 +11,7 @@ import pytest
 
 from train import cli, evaluate, trainer
 from train.checkpoints import load_model
-from train.configs import quantizers, quickstart
+from train.configs import quantizer_families, quickstart
 from train.errors import UserError
 from train.step import model_from_config
 from vqvae_jax import VQVAE
@@ -85,9 +85,9 @@ def test_bad_family_fields_fail_at_construction(kwargs, match):
     VQVAE(**SMALL, **kwargs)
 
 
-@pytest.mark.parametrize('bits', sorted(quantizers.FAMILIES))
+@pytest.mark.parametrize('bits', sorted(quantizer_families.FAMILIES))
 def test_every_config_family_builds_at_its_bits(bits):
-  for name in quantizers.FAMILIES[bits]:
+  for name in quantizer_families.FAMILIES[bits]:
     config = quickstart.get_config(name if bits == 9 else f'{name}/{bits}')
     model = model_from_config(config.model, image_channels=3)
     total_bits = model.codes_per_position * math.log2(model.codebook_size)

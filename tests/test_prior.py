@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vqvae_jax.prior import (CodePrior, baseline_bits_per_code, filter_logits, sample)
+from vqvae_jax.autoregressive_prior import (CodePrior, baseline_bits_per_code, filter_logits, sample)
 
 K, GRID = 16, (3, 4)
 TINY = dict(width=32, depth=2, num_heads=4)

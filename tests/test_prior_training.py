@@ -19,7 +19,7 @@ from train.checkpoints import load_model, read_run_info
 from train.configs import prior_quickstart
 from train.errors import UserError
 from vqvae_jax import VQVAE
-from vqvae_jax.prior import CodePrior
+from vqvae_jax.autoregressive_prior import CodePrior
 
 from tests.test_train import tiny_config
 
@@ -202,7 +202,7 @@ def test_sample_command_writes_the_grid_and_the_codes(prior_workdir, tmp_path):
   with Image.open(out) as image:
     assert image.width >= 8 * 32 and image.height >= 2 * 32
   prior, params, _ = prior_training.load_prior(prior_workdir)
-  from vqvae_jax.prior import sample  # pylint: disable=g-import-not-at-top
+  from vqvae_jax.autoregressive_prior import sample  # pylint: disable=g-import-not-at-top
   expected = sample(prior, params, jax.random.key(3), labels=np.zeros(16, np.int32), top_k=8)
   np.testing.assert_array_equal(codes, expected)  # the same samples as the library's
 

@@ -1,6 +1,6 @@
 """Which of LFQ's bits a trained model uses: each bit's share of +1 over the held-out codes.
 
-    python -m train.bench.lfq_bit_usage --bits=9 --seed=0 --steps=2000
+    python -m train.lfq_bit_usage --bits=9 --seed=0 --steps=2000
 
 Trains the quantizer study's LFQ model at `--bits` (`train.quantizer_study.config_for`: the
 quickstart photos, batch 32, Adam 3e-4) and prints, from the held-out code counts, how many
@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import data, evaluate, loop, trainer
 from train.checkpoints import load_model
-from train.configs import quantizers
+from train.configs import quantizer_families
 from train.quantizer_study import config_for
 
 
@@ -31,9 +31,9 @@ def bit_shares(code_counts, num_bits: int) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m train.bench.lfq_bit_usage',
+  parser = argparse.ArgumentParser(prog='python -m train.lfq_bit_usage',
                                    description=__doc__.split('\n')[0])
-  parser.add_argument('--bits', type=int, default=9, choices=sorted(quantizers.FAMILIES))
+  parser.add_argument('--bits', type=int, default=9, choices=sorted(quantizer_families.FAMILIES))
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--steps', type=int, default=2000)
   args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from train.errors import UserError
 from train.state import DTYPES, TrainState, init_train_state, scan_steps
 from train.step import to_model_input
 from vqvae_jax import VQVAE
-from vqvae_jax.prior import CodePrior, baseline_bits_per_code, cross_entropy, sample
+from vqvae_jax.autoregressive_prior import CodePrior, baseline_bits_per_code, cross_entropy, sample
 
 CODES_FILE = 'codes.npz'
 IDENTITY_KEYS = ('vqvae_workdir', 'conditional', 'model')

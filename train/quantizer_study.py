@@ -4,7 +4,7 @@
     python -m train.quantizer_study --bits=16 --seeds=0 --out=benchmarks/quantizer_families_16bits
 
 Trains the seed's encoder and decoder (train/configs/quickstart.py: batch 32, Adam 3e-4) with
-each family of `train/configs/quantizers.py: FAMILIES[bits]`, once per seed, and reports over
+each family of `train/configs/quantizer_families.py: FAMILIES[bits]`, once per seed, and reports over
 the whole held-out split: NMSE, PSNR, codes used (a count and a share of the codebook, per stage
 for residual VQ), perplexity and the relative quantization error `sum |z - q|^2 / sum |z|^2`.
 Then it times each family's training step (batch 32, float32, 10 steps per dispatch, rounds
@@ -26,10 +26,10 @@ from absl import app, flags
 from train import cpu_tuning, trainer
 from train.bench.jax_side import prepare_model_step
 from train.bench.measure import time_interleaved
-from train.configs import quantizers, quickstart
+from train.configs import quantizer_families, quickstart
 from train.step import model_from_config
 
-_BITS = flags.DEFINE_enum('bits', '9', [str(b) for b in quantizers.FAMILIES],
+_BITS = flags.DEFINE_enum('bits', '9', [str(b) for b in quantizer_families.FAMILIES],
                           'Bits per code (one code per grid position, or all stages of one).')
 _FAMILIES = flags.DEFINE_list('families', [], 'Families to run; default: all at --bits.')
 _STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps per run.')
@@ -118,7 +118,7 @@ def markdown(result: Dict[str, Any]) -> str:
                                             for k in per_stage) + ')'
     share = 100 * np.asarray(used, np.float64) / info['codebook_entries']
     fields = ', '.join(f'{k}={v}' for k, v in info['fields'].items()
-                       if k not in quantizers.NO_CODEBOOK_OPTIONS)
+                       if k not in quantizer_families.NO_CODEBOOK_OPTIONS)
     lines.append(' | '.join([
         f'| {family}', f'`{fields}`', mean_std([r['eval_nmse'] for r in runs], 4),
         mean_std([r['eval_psnr'] for r in runs], 2), used_cell,
@@ -136,18 +136,18 @@ def main(argv):
   del argv
   cpu_tuning.apply()  # the trainer's CPU settings, before JAX starts its backend
   bits = int(_BITS.value)
-  families = _FAMILIES.value or list(quantizers.FAMILIES[bits])
-  unknown = sorted(set(families) - set(quantizers.FAMILIES[bits]))
+  families = _FAMILIES.value or list(quantizer_families.FAMILIES[bits])
+  unknown = sorted(set(families) - set(quantizer_families.FAMILIES[bits]))
   if unknown:
     raise app.UsageError(f'--families: unknown {unknown} at {bits} bits; accepted: '
-                         f'{sorted(quantizers.FAMILIES[bits])}.')
+                         f'{sorted(quantizer_families.FAMILIES[bits])}.')
   seeds = [int(s) for s in _SEEDS.value]
   runs = train_runs(families, bits, seeds, _STEPS.value)
   step_ms = time_steps(families, bits)
   info = {}
   for family in families:
     model = model_from_config(config_for(family, bits, 0, 1).model, image_channels=3)
-    info[family] = {'fields': quantizers.FAMILIES[bits][family], 'step_ms': step_ms[family],
+    info[family] = {'fields': quantizer_families.FAMILIES[bits][family], 'step_ms': step_ms[family],
                     'codebook_entries': model.codebook_size * model.codes_per_position,
                     **quantizer_sizes(model)}
   result = {'bits': bits, 'steps': _STEPS.value, 'seeds': seeds,

@@ -3,7 +3,7 @@
     python -m train.bench.prior_sampling --out benchmarks/prior_sampling_cpu.json \
         --markdown benchmarks/prior_sampling_cpu.md
 
-For each grid, both samplers run the same jitted `vqvae_jax.prior.sample` (`use_cache=True` and
+For each grid, both samplers run the same jitted `vqvae_jax.autoregressive_prior.sample` (`use_cache=True` and
 `False`) on the same key, after compilation, in interleaved rounds; the table gives codes/s
 (batch x positions / seconds, the best round) and checks that the samples are identical. The
 prior has `train/configs/prior_quickstart.py`'s shape (or `--workdir`'s trained one); its
@@ -22,7 +22,7 @@ import numpy as np
 
 from train import prior_training
 from train.bench.device import device_description
-from vqvae_jax.prior import CodePrior, sample
+from vqvae_jax.autoregressive_prior import CodePrior, sample
 
 
 def _grid(text: str):

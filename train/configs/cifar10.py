@@ -16,13 +16,13 @@ take about 6 minutes there plus evaluation. Override any key on the command line
 --config.learning_rate=1e-3`.
 
 Another quantizer family at the same 9 bits per code: `--config train/configs/cifar10.py:fsq`
-(or `:lfq`, `:rvq`, `:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizers.py`.
+(or `:lfq`, `:rvq`, `:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizer_families.py`.
 """
 
 import ml_collections
 
 from train import state
-from train.configs import quantizers
+from train.configs import quantizer_families
 from vqvae_jax import RECOMMENDED
 
 
@@ -73,4 +73,4 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
       num_quantizers=2,
       quantizer_dropout=0.0,
   ))
-  return quantizers.apply(config, quantizer_family)
+  return quantizer_families.apply(config, quantizer_family)

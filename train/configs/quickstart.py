@@ -4,7 +4,7 @@
     python -m train --config train/configs/quickstart.py:fsq --workdir runs/quickstart_fsq
 
 The second trains another quantizer family at the same 9 bits per code (`:fsq`, `:lfq`, `:rvq`,
-`:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizers.py`.
+`:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizer_families.py`.
 
 Needs no download. Trains on crops of six photos and evaluates on crops of two others
 (`skimage.data.chelsea` and the left photo of `skimage.data.stereo_motorcycle`), so the held-out

@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from conftest import XLA_FLAGS_FOR_DEVICES
-from train import data, loop, prior_training, trainer
-from train.checkpoints import load_model, read_run_info
+from train import data, loop, prior_step, prior_training, trainer
+from train.checkpoints import load_model, load_prior, read_run_info
 from train.configs import prior_quickstart
 from train.errors import UserError
 from vqvae_jax import VQVAE
@@ -128,7 +128,7 @@ def test_prior_trains_logs_baselines_and_writes_samples(vqvae_workdir, prior_wor
 
 
 def test_eval_bits_per_code_is_the_priors_mean_over_the_held_out_codes(prior_workdir):
-  prior, params, _ = prior_training.load_prior(prior_workdir)
+  prior, params, _ = load_prior(prior_workdir)
   with np.load(os.path.join(prior_workdir, 'codes.npz')) as cached:
     eval_codes = cached['eval_codes']
   bits = prior.apply({'params': params}, eval_codes, method=CodePrior.bits_per_code)
@@ -153,7 +153,7 @@ def test_prior_resume_after_sigterm_continues_identically(vqvae_workdir, tmp_pat
   assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['2']
   monkeypatch.undo()
   prior_training.train_and_evaluate(config, resumed)
-  a, b = (prior_training.load_prior(w)[1] for w in (straight, resumed))
+  a, b = (load_prior(w)[1] for w in (straight, resumed))
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert (read_metrics(straight)[-1]['eval_bits_per_code'] ==
           read_metrics(resumed)[-1]['eval_bits_per_code'])
@@ -164,7 +164,7 @@ def test_the_schedule_warms_up_then_decays_at_any_run_length(num_train_steps):
   """Runs as long as their warmup (200) or shorter raised in optax before: no decay steps."""
   config = prior_quickstart.get_config()
   config.update(num_train_steps=num_train_steps, learning_rate=1.0)
-  schedule = prior_training.learning_rate_schedule(config)
+  schedule = prior_step.learning_rate_schedule(config)
   warmup = min(200, num_train_steps)
   assert float(schedule(0)) == (0.0 if warmup else 1.0)
   if warmup:
@@ -174,7 +174,7 @@ def test_the_schedule_warms_up_then_decays_at_any_run_length(num_train_steps):
     halfway = (warmup + num_train_steps) / 2
     assert float(schedule(halfway)) == pytest.approx(0.55, abs=0.01)
     assert float(schedule(num_train_steps)) == pytest.approx(0.1)
-  prior_training.make_optimizer(config)
+  prior_step.make_optimizer(config)
 
 
 def test_prior_refuses_a_missing_vqvae_and_writes_nothing(tmp_path):
@@ -201,7 +201,7 @@ def test_sample_command_writes_the_grid_and_the_codes(prior_workdir, tmp_path):
   np.testing.assert_array_equal(labels, np.zeros(16))  # astronaut is label 0
   with Image.open(out) as image:
     assert image.width >= 8 * 32 and image.height >= 2 * 32
-  prior, params, _ = prior_training.load_prior(prior_workdir)
+  prior, params, _ = load_prior(prior_workdir)
   from vqvae_jax.autoregressive_prior import sample  # pylint: disable=g-import-not-at-top
   expected = sample(prior, params, jax.random.key(3), labels=np.zeros(16, np.int32), top_k=8)
   np.testing.assert_array_equal(codes, expected)  # the same samples as the library's

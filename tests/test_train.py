@@ -314,7 +314,7 @@ def _non_white_rows(pixels):
 def test_image_grid_labels_its_rows_under_a_title(tmp_path):
   """Each image appears once, upscaled; the title and the row labels take their own bands of
   drawn (dark) pixels above the images; a longer title wraps onto more lines."""
-  from train.evaluate import write_image_grid  # pylint: disable=g-import-not-at-top
+  from train.pictures import write_image_grid  # pylint: disable=g-import-not-at-top
   red = np.zeros((3, 8, 8, 3), np.uint8)
   red[..., 0] = 255
   green = np.zeros((2, 8, 8, 3), np.uint8)
@@ -345,7 +345,7 @@ def test_image_grid_labels_its_rows_under_a_title(tmp_path):
 
 
 def test_image_grid_rejects_bad_rows_with_one_clear_line(tmp_path):
-  from train.evaluate import write_image_grid  # pylint: disable=g-import-not-at-top
+  from train.pictures import write_image_grid  # pylint: disable=g-import-not-at-top
   images = np.zeros((2, 8, 8, 3), np.uint8)
   path = str(tmp_path / 'grid.png')
   with pytest.raises(ValueError, match='got 2 rows but 1 row_labels; give one label per row'):
@@ -366,17 +366,17 @@ def test_image_grid_rejects_bad_rows_with_one_clear_line(tmp_path):
 def test_trainer_pngs_say_what_they_show(tmp_path):
   """The reconstruction grid is the labelled two-row grid; the usage chart has a title band,
   axes, and one bar per code: blue for used codes, red for dead ones, in proportion."""
-  from train import evaluate  # pylint: disable=g-import-not-at-top
+  from train import pictures  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   originals = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   path = str(tmp_path / 'reconstructions.png')
-  size = evaluate.write_reconstruction_grid(path, originals, originals // 2, step=12)
+  size = pictures.write_reconstruction_grid(path, originals, originals // 2, step=12)
   pixels = _png(path)
   assert pixels.shape[:2] == (size[1], size[0])
   assert size[0] >= 4 * 128 and size[1] >= 2 * 128 + 40  # two rows of 4 images, plus text
   counts = np.array([5, 0, 3, 9, 0, 1, 2, 7, 0, 4, 4, 1, 0, 0, 6, 2], np.float32)
   path = str(tmp_path / 'code_usage.png')
-  evaluate.write_usage_histogram(path, counts, step=12)
+  pictures.write_usage_histogram(path, counts, step=12)
   pixels = _png(path)
   columns = lambda color: np.all(pixels == color, axis=-1).any(axis=0).sum()
   used_columns, dead_columns = columns((40, 90, 200)), columns((220, 40, 40))

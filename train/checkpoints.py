@@ -1,4 +1,5 @@
-"""Checkpoints (orbax `CheckpointManager`), the run's stored config, and loading a trained model.
+"""Checkpoints (orbax `CheckpointManager`), the run's stored config, and loading a trained model
+(`load_model`) or prior (`load_prior`).
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 crash, a kill or a preemption mid-save leaves the previous checkpoints intact. A checkpoint
@@ -20,8 +21,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from train.errors import UserError
+from train import prior_step
 from train.step import create_train_state, make_optimizer, model_from_config
 from vqvae_jax import VQVAE
+from vqvae_jax.autoregressive_prior import CodePrior
 
 RUN_FILE = 'run.json'
 # Config keys that define the model and the data it learns; a resumed run must keep them.
@@ -45,9 +48,6 @@ class Checkpoints:
     snapshot = jax.tree.map(jnp.copy, state)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(snapshot)),
                       force=True)
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def restore_latest(self, abstract_state: Any) -> Optional[Any]:
     """The newest checkpoint that restores, or None if there is none.
@@ -212,3 +212,24 @@ def load_model(workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, Dict[st
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
   return model, variables
+
+
+def load_prior(workdir: str) -> Tuple[CodePrior, Any, Dict[str, Any]]:
+  """A trained prior, its `params` and its run info (config, class names, grid shape).
+
+      prior, params, info = load_prior('runs/prior')
+      codes = sample(prior, params, jax.random.key(0), num_samples=16)
+  """
+  info = read_run_info(workdir)
+  if 'grid_shape' not in info:
+    raise UserError(f'{workdir} holds a VQ-VAE run, not a prior; accepted: the --workdir of '
+                    f'python -m train.prior.')
+  config = ml_collections.ConfigDict(info['config'])
+  prior = prior_step.prior_from_config(config, info['num_embeddings'], info['grid_shape'],
+                                       len(info['class_names']) or None)
+  tx = prior_step.make_optimizer(config)
+  example = {'codes': jax.ShapeDtypeStruct((1, *info['grid_shape']), jnp.int32)}
+  if prior.num_classes:
+    example['labels'] = jax.ShapeDtypeStruct((1,), jnp.int32)
+  state = restore_state(workdir, functools.partial(prior_step.create_train_state, prior, tx), example)
+  return prior, state.params, info

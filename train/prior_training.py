@@ -1,4 +1,6 @@
-"""Trains a prior over the code grids of a trained VQ-VAE, through `train.loop`.
+"""Trains a prior over the code grids of a trained VQ-VAE, through `train.loop`: its data (the
+VQ-VAE's codes) and the task; the step is `train/prior_step.py`, the evaluation
+`train/prior_evaluate.py`, the samples `train/prior_samples.py`.
 
 The VQ-VAE's training and held-out images are encoded once, with its own `encode`, and the code
 grids (and labels) are cached in the prior's workdir (`codes.npz`); the prior then trains on
@@ -11,28 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import data as data_lib
 from train import input_pipeline
-from train import evaluate as evaluate_lib
 from train import loop
-from train.checkpoints import checkpoint_steps, load_model, read_run_info, restore_state, \
-    write_run_info
+from train.checkpoints import checkpoint_steps, load_model, read_run_info, write_run_info
 from train.errors import UserError
-from train.state import DTYPES, TrainState, init_train_state, scan_steps
+from train.prior_evaluate import PriorEvaluator
+from train.prior_step import create_train_state, make_optimizer, make_train_step, \
+    prior_from_config
 from train.step import to_model_input
 from vqvae_jax import VQVAE
-from vqvae_jax.autoregressive_prior import CodePrior, baseline_bits_per_code, cross_entropy, sample
 
 CODES_FILE = 'codes.npz'
 IDENTITY_KEYS = ('vqvae_workdir', 'conditional', 'model')
@@ -73,69 +71,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not config.vqvae_workdir:
     raise UserError('config.vqvae_workdir is empty; accepted: the --workdir of a trained '
                     'VQ-VAE, e.g. --config.vqvae_workdir=runs/quickstart.')
-
-
-def prior_from_config(config: ml_collections.ConfigDict, num_embeddings: int,
-                      grid_shape: Tuple[int, int], num_classes: Optional[int]) -> CodePrior:
-  """`CodePrior` from a config's `model` section; bad values raise a `UserError` naming them."""
-  fields = dict(config.model)
-  dtype = fields.pop('dtype', 'float32')
-  if dtype not in DTYPES:
-    raise UserError(f'config.model.dtype={dtype!r}; accepted: {sorted(DTYPES)}.')
-  if not num_classes:
-    fields.pop('label_dropout', None)
-  try:
-    return CodePrior(num_embeddings=num_embeddings, grid_shape=tuple(grid_shape),
-                     num_classes=num_classes or None, dtype=DTYPES[dtype], **fields)
-  except (TypeError, ValueError) as e:
-    raise UserError(f'config.model: {e}') from None
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """A linear warmup from 0 over `warmup_steps`, then a cosine decay to a tenth of the rate
-  at `num_train_steps`. A run no longer than its warmup only warms up (optax needs a decay of
-  at least one step)."""
-  warmup_steps = min(config.warmup_steps, config.num_train_steps)
-  return optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, warmup_steps, max(config.num_train_steps, warmup_steps + 1),
-      end_value=0.1 * config.learning_rate)
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with `learning_rate_schedule`, as transformers are usually trained."""
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(learning_rate_schedule(config), b2=0.95,
-                                 weight_decay=config.weight_decay))
-
-
-def create_train_state(prior: CodePrior, tx: optax.GradientTransformation, rng: jax.Array,
-                       example: Dict[str, jax.Array]) -> TrainState:
-  """A fresh state for `prior`; `example` holds `codes` `[1, h, w]` (and `labels` `[1]`)."""
-  return init_train_state(
-      lambda init_rng: prior.init(init_rng, example['codes'], example.get('labels')), tx, rng)
-
-
-def make_train_step(prior: CodePrior, tx: optax.GradientTransformation):
-  """`train_steps(state, batch) -> (state, metrics)`, `k` steps in a `lax.scan`, not jitted.
-
-  `batch['codes']` is int32 `[k, B, h, w]` (and `batch['labels']` `[k, B]`). `metrics`:
-  `loss` (nats per code, the mean teacher-forced cross-entropy) and `bits_per_code`.
-  """
-
-  def one_step(state: TrainState, batch: Dict[str, jax.Array]):
-    codes = batch['codes']
-    dropout_rng = state.step_key()
-
-    def loss_fn(params):
-      logits = prior.apply({'params': params}, codes, batch.get('labels'), train=True,
-                           rngs={'dropout': dropout_rng})
-      return jnp.mean(cross_entropy(logits, codes.reshape(len(codes), -1)))
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    state = state.apply_gradients(tx, grads)
-    return state, {'loss': loss, 'bits_per_code': loss / math.log(2)}
-
-  return scan_steps(one_step)
 
 
 def encode_codes(vqvae: VQVAE, variables: Any, images, mesh: jax.sharding.Mesh,
@@ -213,103 +148,6 @@ def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae:
   return codes
 
 
-class PriorEvaluator:
-  """Held-out bits per code, the baselines on the same codes, and `samples.png`."""
-
-  def __init__(self, prior: CodePrior, codes: CodeData, conditional: bool, vqvae: VQVAE,
-               vqvae_variables: Any, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
-               workdir: str):
-    self.prior, self.codes, self.config, self.workdir = prior, codes, config, workdir
-    self.vqvae_variables = vqvae_variables
-    self.eval_labels = codes.eval_labels if conditional else None
-    num_devices = mesh.devices.size
-    self.batch_size = -(-config.eval_batch_size // num_devices) * num_devices
-    self.batch_sharding = NamedSharding(mesh, P('data'))
-    self._bits = jax.jit(
-        lambda params, grids, labels, weights: jnp.sum(
-            weights * prior.apply({'params': params}, grids, labels,
-                                  method=CodePrior.bits_per_code)),
-        out_shardings=NamedSharding(mesh, P()))
-    baselines = baseline_bits_per_code(codes.train_codes, codes.eval_codes,
-                                       prior.num_embeddings)
-    self.baselines = {f'{name}_bits_per_code': bits for name, bits in baselines.items()}
-    self._decode = make_decode(vqvae)
-
-  def __call__(self, state: TrainState, step: int) -> Dict[str, float]:
-    codes = self.codes.eval_codes
-    total = 0.0
-    split = {'codes': codes, 'labels': self.eval_labels}
-    for batch, weights in input_pipeline.sharded_split(split, self.batch_size,
-                                                        self.batch_sharding):
-      total += float(self._bits(state.params, batch['codes'], batch['labels'], weights))
-    metrics = {'eval_bits_per_code': total / len(codes), **self.baselines}
-    if self.config.num_samples:
-      grid_rows, labels = self.samples(state.params, step)
-      if jax.process_index() == 0:
-        evaluate_lib.write_image_grid(os.path.join(self.workdir, 'samples.png'), grid_rows,
-                                      labels, self.title(step))
-    return metrics
-
-  def samples(self, params: Any, step: int):
-    labels = row_labels(self.config.num_samples, self.prior.num_classes)
-    _, rows, names = sample_image_rows(
-        self.prior, params, self._decode, self.vqvae_variables,
-        jax.random.fold_in(jax.random.key(self.config.seed), step), self.config.num_samples,
-        labels, self.codes.class_names, **sampling_options(self.config))
-    return rows, names
-
-  def title(self, step: int) -> str:
-    return f'Prior samples at step {step}: {describe_options(**sampling_options(self.config))}'
-
-
-SAMPLES_PER_ROW = 8
-
-
-def row_labels(num_samples: int, num_classes: Optional[int]) -> Optional[np.ndarray]:
-  """Labels for rows of `SAMPLES_PER_ROW` samples: row `r` gets `r mod num_classes`."""
-  if not num_classes:
-    return None
-  return (np.arange(num_samples) // SAMPLES_PER_ROW % num_classes).astype(np.int32)
-
-
-def sample_image_rows(prior: CodePrior, params: Any, decode, vqvae_variables: Any,
-                      key: jax.Array, num_samples: int, labels: Optional[np.ndarray],
-                      class_names: Tuple[str, ...], **options):
-  """Samples code grids and decodes them: `(codes [B, h, w], image rows, row names)`.
-
-  `decode` is `(vqvae_variables, codes) -> images`, jitted; the rows hold `SAMPLES_PER_ROW`
-  uint8 images each, named by their label ('' without one).
-  """
-  codes = sample(prior, params, key, num_samples=num_samples, labels=labels, **options)
-  images = to_uint8(decode(vqvae_variables, codes))
-  starts = range(0, len(images), SAMPLES_PER_ROW)
-  rows = [images[i:i + SAMPLES_PER_ROW] for i in starts]
-  names = ['' if labels is None else class_names[labels[i]] for i in starts]
-  return np.asarray(codes), rows, names
-
-
-def describe_options(temperature: float, top_k: Optional[int], top_p: Optional[float],
-                     guidance_scale: Optional[float] = None) -> str:
-  text = f'temperature {temperature:g}, top-k {top_k or "off"}, top-p {top_p or "off"}'
-  return text + (f', guidance {guidance_scale:g}' if guidance_scale is not None else '')
-
-
-def sampling_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  return dict(temperature=float(config.sample_temperature),
-              top_k=int(config.sample_top_k) or None,
-              top_p=float(config.sample_top_p) if config.sample_top_p < 1 else None)
-
-
-def make_decode(vqvae: VQVAE):
-  """`decode(variables, codes [B, h, w]) -> images [B, H, W, C]` in model space, jitted."""
-  return jax.jit(lambda variables, codes: vqvae.apply(variables, codes, method=VQVAE.decode))
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-  """Model-space images (`x / 255 - 0.5`) back to uint8 pixels."""
-  return np.clip(np.round((np.asarray(images) + 0.5) * 255), 0, 255).astype(np.uint8)
-
-
 def load_vqvae(vqvae_workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, Any, int]:
   """The trained VQ-VAE of `vqvae_workdir` at `step` (the latest by default), its variables and
   its checkpoint's step."""
@@ -369,24 +207,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                    train_steps=make_train_step(prior, tx), evaluate=evaluator,
                    example_name='grids')
   return loop.run(task, config, workdir, mesh)
-
-
-def load_prior(workdir: str) -> Tuple[CodePrior, Any, Dict[str, Any]]:
-  """A trained prior, its `params` and its run info (config, class names, grid shape).
-
-      prior, params, info = load_prior('runs/prior')
-      codes = sample(prior, params, jax.random.key(0), num_samples=16)
-  """
-  info = read_run_info(workdir)
-  if 'grid_shape' not in info:
-    raise UserError(f'{workdir} holds a VQ-VAE run, not a prior; accepted: the --workdir of '
-                    f'python -m train.prior.')
-  config = ml_collections.ConfigDict(info['config'])
-  prior = prior_from_config(config, info['num_embeddings'], info['grid_shape'],
-                            len(info['class_names']) or None)
-  tx = make_optimizer(config)
-  example = {'codes': jax.ShapeDtypeStruct((1, *info['grid_shape']), jnp.int32)}
-  if prior.num_classes:
-    example['labels'] = jax.ShapeDtypeStruct((1,), jnp.int32)
-  state = restore_state(workdir, functools.partial(create_train_state, prior, tx), example)
-  return prior, state.params, info

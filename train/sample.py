@@ -32,7 +32,7 @@ flags.mark_flags_as_required(['workdir'])
 def _labels(class_names, num_samples):
   """int32 `[num_samples]` labels from `--label`, or None for the unconditional model."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from train import prior_training  # pylint: disable=g-import-not-at-top
+  from train import prior_samples  # pylint: disable=g-import-not-at-top
   label = _LABEL.value
   if not class_names:
     if label is not None and label != 'none':
@@ -40,7 +40,7 @@ def _labels(class_names, num_samples):
                f'no --label.')
     return None
   if label is None:
-    return prior_training.row_labels(num_samples, len(class_names))
+    return prior_samples.row_labels(num_samples, len(class_names))
   if label == 'none':
     return None
   index = class_names.index(label) if label in class_names else (
@@ -57,10 +57,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # before JAX logs which backends it tried
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from train import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from train import prior_training  # pylint: disable=g-import-not-at-top
+  from train import pictures  # pylint: disable=g-import-not-at-top
+  from train import prior_samples, prior_training  # pylint: disable=g-import-not-at-top
+  from train.checkpoints import load_prior  # pylint: disable=g-import-not-at-top
   with cli.user_errors_in_one_line():
-    prior, params, info = prior_training.load_prior(_WORKDIR.value)
+    prior, params, info = load_prior(_WORKDIR.value)
     class_names = tuple(info['class_names'])
     labels = _labels(class_names, _NUM_SAMPLES.value)
     options = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
@@ -69,14 +70,14 @@ def main(argv):
     vqvae, vqvae_variables, _ = prior_training.load_vqvae(info['config']['vqvae_workdir'],
                                                           info['vqvae_step'])
     try:
-      codes, rows, names = prior_training.sample_image_rows(
-          prior, params, prior_training.make_decode(vqvae), vqvae_variables,
+      codes, rows, names = prior_samples.sample_image_rows(
+          prior, params, prior_samples.make_decode(vqvae), vqvae_variables,
           jax.random.key(_SEED.value), _NUM_SAMPLES.value, labels, class_names, **options)
     except ValueError as e:  # the sampler names the bad option and what it accepts
       cli.fail(str(e))
     title = (f'{_NUM_SAMPLES.value} samples from {_WORKDIR.value}: '
-             f'{prior_training.describe_options(**options)}, seed {_SEED.value}')
-    evaluate_lib.write_image_grid(_OUT.value, rows, names, title)
+             f'{prior_samples.describe_options(**options)}, seed {_SEED.value}')
+    pictures.write_image_grid(_OUT.value, rows, names, title)
     codes_path = os.path.splitext(_OUT.value)[0] + '.npz'
     np.savez(codes_path, codes=codes, labels=np.asarray([] if labels is None else labels))
   print(f'Wrote {_OUT.value} and {codes_path}.', file=sys.stderr)

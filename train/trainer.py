@@ -13,6 +13,7 @@ import numpy as np
 from train import data as data_lib
 from train import evaluate as evaluate_lib
 from train import loop
+from train import pictures
 from train.checkpoints import write_run_info
 from train.errors import UserError
 from train.state import TrainState
@@ -70,8 +71,8 @@ def _evaluate(evaluator, state: TrainState, data, variance: float, config, workd
   reconstructions = evaluator.reconstructions(variables, originals) if len(originals) else None
   if jax.process_index() == 0:
     if reconstructions is not None:
-      evaluate_lib.write_reconstruction_grid(os.path.join(workdir, 'reconstructions.png'),
+      pictures.write_reconstruction_grid(os.path.join(workdir, 'reconstructions.png'),
                                              originals, reconstructions, step=step)
-    evaluate_lib.write_usage_histogram(os.path.join(workdir, 'code_usage.png'), code_counts,
+    pictures.write_usage_histogram(os.path.join(workdir, 'code_usage.png'), code_counts,
                                        step=step)
   return metrics

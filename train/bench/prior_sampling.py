@@ -20,7 +20,8 @@ from typing import Any, Dict, List
 import jax
 import numpy as np
 
-from train import prior_training
+from train.checkpoints import load_prior
+from train.prior_step import prior_from_config
 from train.bench.device import device_description
 from vqvae_jax.autoregressive_prior import CodePrior, sample
 
@@ -45,13 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _priors(args) -> List[tuple]:
   if args.workdir:
-    prior, params, _ = prior_training.load_prior(args.workdir)
+    prior, params, _ = load_prior(args.workdir)
     return [(prior, params)]
   from train.configs import prior_quickstart  # pylint: disable=g-import-not-at-top
   config = prior_quickstart.get_config()
   out = []
   for grid in args.grids:  # unconditional: labels do not change the cost
-    prior = prior_training.prior_from_config(config, 512, grid, num_classes=None)
+    prior = prior_from_config(config, 512, grid, num_classes=None)
     codes = np.zeros((1, *grid), np.int32)
     out.append((prior, prior.init(jax.random.key(0), codes)['params']))
   return out

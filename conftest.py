@@ -2,16 +2,14 @@
 
 * Eight CPU devices, so multi-device tests run anywhere. XLA reads the flag once, when JAX
   first initialises its backend, so it is set before any test module imports jax.
-* XLA:CPU aborts the process when the 8 device threads of a collective do not all arrive
-  within its timeout; on an oversubscribed 2-core machine they can be slow (seen: eval steps
-  aborting under load), so the tests give them minutes instead of seconds.
-* Eigen ops single-threaded (`--xla_cpu_multi_thread_eigen=false`). With 8 devices sharing
-  XLA:CPU's 8-thread Eigen pool, a device's program continues on the pool thread that ran its
-  Eigen convolution and then waits there in an all-reduce for the other devices. Once seven
-  did that, the eighth device's program never started, and the test run hung with no CPU use
-  (gdb: seven `tf_XLAEigen` threads in `InProcessCommunicator::AllReduce`, the eighth launch
-  in `Semaphore::Acquire`; seen once, in the second of this stop's CI runs). Single-threaded
-  Eigen ops run on the device's own thread.
+* Collective timeouts of minutes, not seconds: XLA:CPU aborts the process when the 8 device
+  threads of a collective do not all arrive in time, and on an oversubscribed 2-core machine
+  they can be slow.
+* Eigen ops single-threaded (`--xla_cpu_multi_thread_eigen=false`): with 8 devices sharing
+  XLA:CPU's 8-thread Eigen pool, a device's program can continue on the pool thread that ran
+  its convolution and wait there in an all-reduce; once seven do, the eighth never starts and
+  the run hangs. Single-threaded Eigen ops run on the device's own thread (docs/performance.md
+  tells how the hang was found).
 * VQVAE_NOTEBOOK_SMOKE=1: colab/vqvae_tpu.ipynb trains a tiny model for a few steps on the
   bundled photos instead of CIFAR-10 (the kernel inherits this environment).
 """

@@ -33,8 +33,7 @@ share, e.g. an NFS or gcsfuse mount):
         python -m train --config train/configs/imagenet128.py --workdir /mnt/shared/imagenet128 \\
         --config.dataset=folder:/mnt/shared/imagenet --multihost"
 
-Step rate: not measured on an accelerator; no accelerator was available to the session that
-wrote this config (docs/data.md).
+Step rate on an accelerator: not measured yet (docs/data.md).
 """
 
 import os

@@ -135,7 +135,7 @@ def test_scanned_step_has_only_canonical_convolutions(batch_size, min_convolutio
 def test_kernel_gradient_transposes_are_not_fused_with_their_producers():
   """The transposes in front of kernel gradients (in `conv2d`'s CPU branch) are not fused with
   the bias and ReLU that produce their input: fused, XLA:CPU runs them as loops 3-20x slower
-  (see `xla_cpu._unfused`)."""
+  (see `convolutions._unfused`)."""
   hlo = scanned_step_hlo(96)
   assert hlo.count(' conditional(') >= 3  # the 3x3 kernel gradients' transposes run in one
   kernel_grad_transpose = re.compile(r' transpose\(.*op_name="[^"]*/cond/branch_0_fun/transpose"')

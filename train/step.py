@@ -78,7 +78,7 @@ def make_train_step(model: VQVAE, tx: optax.GradientTransformation
     return state, {'loss': loss, 'nmse': nmse, 'vq_loss': vq.loss, 'perplexity': vq.perplexity}
 
   # A scan body is not XLA's entry computation, where XLA:CPU rewrites convolutions into its
-  # fast form; `vqvae_jax.xla_cpu.conv2d` gives every convolution, gradients included, that
+  # fast form; `vqvae_jax.convolutions.conv2d` gives every convolution, gradients included, that
   # form itself, which is what keeps a step in `scan` as fast as one outside it (0.5 s, not 35
   # s, on CPU). Models whose convolutions bypass it lose that on CPU.
   return scan_steps(one_step)

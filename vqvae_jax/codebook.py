@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqvae_jax import xla_cpu
+from vqvae_jax import blocks, xla_cpu
 
 Array = jax.Array
 
@@ -66,7 +66,7 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
     flat_inputs: `[N, D]`.
     codebook: `[K, D]`.
     chunk_size: if set and smaller than `N`, rows are processed `chunk_size` at a time in a
-      loop (`xla_cpu.map_over_blocks` on every backend: its strided blocks keep a sharded batch
+      loop (`blocks.map_over_blocks` on every backend: its strided blocks keep a sharded batch
       on its devices), so at most `[chunk_size, K]` distances exist at once. This is what lets
       K = 65,536 codes search a million vectors. The indices are the same as without chunks:
       each row's arithmetic is unchanged. Unset, XLA:CPU still works in blocks of 2,048 rows
@@ -82,7 +82,7 @@ def nearest_code(flat_inputs: Array, codebook: Array, chunk_size: Optional[int] 
     return nearest_in_distances(squared_distances(rows, codebook))
 
   if chunk_size is not None:
-    return xla_cpu.map_over_blocks(search, (flat_inputs,), chunk_size)
+    return blocks.map_over_blocks(search, (flat_inputs,), chunk_size)
   return lax.platform_dependent(
       flat_inputs, cpu=functools.partial(xla_cpu.search_in_blocks, search), default=search)
 

@@ -3,7 +3,7 @@ stack, and an exact, fast equivalent of `ConvTranspose2d(kernel_size=4, stride=2
 
 The modules compute with `conv2d` and `conv_transpose_4x4_s2`: XLA's own convolutions, with
 XLA's own gradients on GPUs and TPUs. XLA:CPU gets other forms of the same sums, which it runs
-fast inside `lax.scan` too; they and the two functions are in `vqvae_jax/xla_cpu.py`.
+fast inside `lax.scan` too; they and the two functions are in `vqvae_jax/convolutions.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqvae_jax.xla_cpu import conv2d, conv_transpose_4x4_s2
+from vqvae_jax.convolutions import conv2d, conv_transpose_4x4_s2
 
 Array = jax.Array
 Dtype = Any

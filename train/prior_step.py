@@ -12,7 +12,7 @@ import ml_collections
 import optax
 
 from train.errors import UserError
-from train.state import DTYPES, TrainState, init_train_state, scan_steps
+from train.state import TrainState, init_train_state, pop_model_dtype, scan_steps
 from vqvae_jax.autoregressive_prior import CodePrior, cross_entropy
 
 
@@ -20,14 +20,12 @@ def prior_from_config(config: ml_collections.ConfigDict, num_embeddings: int,
                       grid_shape: Tuple[int, int], num_classes: Optional[int]) -> CodePrior:
   """`CodePrior` from a config's `model` section; bad values raise a `UserError` naming them."""
   fields = dict(config.model)
-  dtype = fields.pop('dtype', 'float32')
-  if dtype not in DTYPES:
-    raise UserError(f'config.model.dtype={dtype!r}; accepted: {sorted(DTYPES)}.')
+  dtype = pop_model_dtype(fields)
   if not num_classes:
     fields.pop('label_dropout', None)
   try:
     return CodePrior(num_embeddings=num_embeddings, grid_shape=tuple(grid_shape),
-                     num_classes=num_classes or None, dtype=DTYPES[dtype], **fields)
+                     num_classes=num_classes or None, dtype=dtype, **fields)
   except (TypeError, ValueError) as e:
     raise UserError(f'config.model: {e}') from None
 

@@ -17,10 +17,21 @@ import ml_collections
 import optax
 from flax import struct
 
+from train.errors import UserError
+
 Array = jax.Array
 Metrics = Dict[str, Array]
 # The dtypes a config's `model.dtype` may name.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def pop_model_dtype(fields: Dict[str, Any]) -> Any:
+  """Removes `dtype` (default 'float32') from a config's `model` fields and returns it as a
+  jnp dtype; an unknown name raises a `UserError` naming it and the accepted ones."""
+  dtype = fields.pop('dtype', 'float32')
+  if dtype not in DTYPES:
+    raise UserError(f'config.model.dtype={dtype!r}; accepted: {sorted(DTYPES)}.')
+  return DTYPES[dtype]
 
 
 @struct.dataclass

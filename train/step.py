@@ -13,23 +13,22 @@ import jax.numpy as jnp
 import optax
 
 from train.errors import UserError
-from train.state import DTYPES, Metrics, TrainState, init_train_state, scan_steps
+from train.state import Metrics, TrainState, init_train_state, pop_model_dtype, scan_steps
 from vqvae_jax import VQVAE
 
 Array = jax.Array
 
+
 def model_from_config(model_config: Any, image_channels: int) -> VQVAE:
   """`VQVAE` from a config's `model` section; bad values raise a `UserError` naming them."""
   fields = dict(model_config)
-  dtype = fields.pop('dtype', 'float32')
-  if dtype not in DTYPES:
-    raise UserError(f'config.model.dtype={dtype!r}; accepted: {sorted(DTYPES)}.')
+  dtype = pop_model_dtype(fields)
   known = set(VQVAE.__dataclass_fields__) - {'parent', 'name', 'image_channels', 'dtype'}
   for key in fields:
     if key not in known:
       raise UserError(f'unknown config key model.{key}; accepted: {sorted(known)}.')
   try:
-    return VQVAE(**fields, image_channels=image_channels, dtype=DTYPES[dtype])
+    return VQVAE(**fields, image_channels=image_channels, dtype=dtype)
   except ValueError as e:
     raise UserError(f'config.model: {e}') from None
 

@@ -38,18 +38,8 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
   config.image_channels = 0  # folder: 1 or 3 converts every image; 0 = theirs (must agree)
   # A split of at most `data_on_device_max_bytes` is read into memory, and the training split
   # kept on the device; a larger one streams from disk in `data_workers` grain processes.
-
-  config.seed = 0
-  config.batch_size = 32
-  config.learning_rate = 3e-4
-  config.num_train_steps = 10_000
-  config.steps_per_dispatch = 10  # optimizer steps per jit call
-
-  config.log_every_steps = 100
-  config.eval_every_steps = 2_000
-  config.eval_batch_size = 256
-  config.checkpoint_every_steps = 1_000
-  config.keep_checkpoints = 3
+  # The loop's keys keep their defaults: Sonnet's batch 32 and Adam 3e-4, 10k steps, 10 per
+  # dispatch; logs every 100 steps, evaluation every 2k, checkpoints every 1k (3 kept).
   config.num_reconstructions = 8  # images in the reconstruction PNG
 
   config.model = ml_collections.ConfigDict(dict(

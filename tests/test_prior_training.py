@@ -40,6 +40,7 @@ def tiny_prior_config(vqvae_workdir, **overrides):
 
 @pytest.fixture(scope='module')
 def vqvae_workdir(tmp_path_factory):
+  """A tiny VQ-VAE trained for 2 steps, shared by the module's tests."""
   workdir = str(tmp_path_factory.mktemp('vqvae'))
   trainer.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=2), workdir)
   return workdir
@@ -47,6 +48,8 @@ def vqvae_workdir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def prior_workdir(vqvae_workdir, tmp_path_factory):
+  """A tiny prior trained once for the module's tests: the slowest setup here, as it encodes
+  the quickstart's 21,000 crops with the VQ-VAE."""
   workdir = str(tmp_path_factory.mktemp('prior'))
   prior_training.train_and_evaluate(tiny_prior_config(vqvae_workdir), workdir)
   return workdir
@@ -79,7 +82,8 @@ def test_tfds_labels_come_with_the_images():
 def test_a_streamed_tfds_split_gives_the_conditional_prior_its_labels(tmp_path):
   """A tfds split over `data_on_device_max_bytes` streams, with no labels read up front.
   Encoding it reads each record's label with its image: the cached codes and labels equal
-  those of the same split read into memory, and the prior trains on the 10 classes."""
+  those of the same split read into memory, and the prior trains on the 10 classes. Over 20 s:
+  a VQ-VAE and a prior trained end to end, the first through grain's streamed pipeline."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   vqvae_dir, prior_dir = str(tmp_path / 'vqvae'), str(tmp_path / 'prior')
   with tfds.testing.mock_data(num_examples=48):

@@ -73,6 +73,8 @@ def final_params(workdir):
 
 
 def test_quickstart_data_end_to_end(tmp_path):
+  """The first training run of the session: over 20 s, as it compiles the tiny model's
+  programs that the later runs find in the session's compilation cache."""
   workdir = str(tmp_path)
   result = trainer.train_and_evaluate(tiny_config(), workdir)
   lines = read_metrics(workdir)
@@ -134,6 +136,7 @@ def test_preparing_without_tfds_preparation_packages_names_them(tmp_path, monkey
 
 
 def test_grayscale_tfds_dataset(tmp_path):
+  """Over 20 s: a one-channel 28x28 model trained end to end, compiled for itself."""
   config = tiny_config(dataset='mnist', num_train_steps=2, eval_every_steps=2)
   with tfds.testing.mock_data(num_examples=24):
     trainer.train_and_evaluate(config, str(tmp_path))
@@ -144,6 +147,7 @@ def test_grayscale_tfds_dataset(tmp_path):
 
 
 def test_npz_and_folder_datasets(tmp_path):
+  """Over 20 s: two runs end to end, one per dataset kind."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
   np.savez(tmp_path / 'data.npz', train=images[:30], eval=images[30:])
@@ -183,6 +187,7 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+  """Over 20 s: a run in this process, then a `python -m train` process that resumes it."""
   workdir = str(tmp_path)
   trainer.train_and_evaluate(tiny_config(), workdir)
   state_dir = tmp_path / 'checkpoints' / '4' / 'state'
@@ -198,6 +203,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
 
 
 def test_eight_devices_give_the_same_metrics_as_one(tmp_path):
+  """Over 20 s: two `python -m train` processes (1 and 8 devices), each starting JAX and
+  compiling its own programs."""
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f'devices{devices}')
@@ -218,7 +225,8 @@ def free_port():
 
 
 def test_two_processes_train_like_one(tmp_path):
-  """jax.distributed over 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices."""
+  """jax.distributed over 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices. Over
+  20 s: three `python -m train` processes, each starting JAX and compiling."""
   flags = [*TINY_FLAGS, '--config.num_train_steps=4']
   single = str(tmp_path / 'single')
   result = run_cli(single, *flags, devices=2)

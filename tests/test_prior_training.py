@@ -212,7 +212,7 @@ def test_sample_command_writes_the_grid_and_the_codes(prior_workdir, tmp_path):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--temperature=0'], 'temperature must be a number > 0, got 0.0'),
+    (['--temperature=0'], 'temperature must be a finite number > 0, got 0.0'),
     (['--top_p=1.5'], r'top_p must be in \(0, 1\], got 1.5'),
     (['--label=dog'], "--label 'dog' is not a label of this prior; accepted: none, 0 to 5, or "
                       'one of astronaut'),

@@ -359,7 +359,7 @@ def _folder_image_shape(path: str, root: str, paths: np.ndarray, config):
       with Image.open(file) as image:
         headers[file] = (image.size[1], image.size[0],
                          1 if image.mode in GRAYSCALE_MODES else 3)
-    except (OSError, ValueError, SyntaxError):
+    except input_pipeline.bad_image_errors():
       continue  # decoding skips it too, and says so
   if not headers:
     raise UserError(f'dataset folder:{path}: none of the sampled image files could be read; '

@@ -102,13 +102,22 @@ def fit_image(image, size: int, channels: int) -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
+def bad_image_errors() -> Tuple[type, ...]:
+  """What PIL raises for a file that is not a usable image: unreadable, truncated, not an
+  image, or a decompression bomb (over twice `PIL.Image.MAX_IMAGE_PIXELS`, about 179
+  megapixels; PIL's own error, not an OSError)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class FolderSource(_DecodingSource):
   """Image files under a folder, decoded one at a time on demand.
 
-  A file that cannot be read (unreadable, truncated, not an image, or of another size when
-  `image_size` is 0) is replaced by the next readable file of the split, so the batch order
-  stays a pure function of `(seed, step)`; its path is appended to `skipped_log` (one line
-  each, from whichever process found it) and `skipped()` reports them.
+  A file that cannot be read (`bad_image_errors`, or of another size when `image_size` is 0)
+  is replaced by the next readable file of the split with the same label (of the split, if it
+  has no labels), so the batch order stays a pure function of `(seed, step)` and every image
+  keeps its label; its path is appended to `skipped_log` once (by whichever process found it
+  first) and `skipped()` reports them.
 
   Attributes:
     root: the folder the paths are relative to.
@@ -124,6 +133,7 @@ class FolderSource(_DecodingSource):
                image_size: int, image_shape: Tuple[int, int, int], skipped_log: str = ''):
     self.root, self.paths, self.labels = root, paths, labels
     self.image_size, self.image_shape, self.skipped_log = image_size, image_shape, skipped_log
+    self._logged = set()  # the paths this process knows are in skipped_log
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -142,19 +152,26 @@ class FolderSource(_DecodingSource):
     return array
 
   def decode(self, index: int) -> np.ndarray:
-    for offset in range(len(self)):
-      candidate = (index + offset) % len(self)
+    candidates = (index + np.arange(len(self))) % len(self)
+    if self.labels is not None:
+      candidates = candidates[self.labels[candidates] == self.labels[index]]
+    for candidate in candidates:
       try:
-        return self.read(candidate)
-      except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
-        self._record_skip(candidate, e)
-    raise OSError(f'none of the {len(self)} files under {self.root} could be read.')
+        return self.read(int(candidate))
+      except bad_image_errors() as e:
+        self._record_skip(int(candidate), e)
+    where = '' if self.labels is None else f' of the class of {self.path(index)}'
+    raise OSError(f'none of the {len(candidates)} files{where} under {self.root} could be read.')
 
   def _record_skip(self, index: int, error: Exception) -> None:
-    if self.skipped_log:
-      line = f'{self.path(index)}\t{type(error).__name__}: {error}'.replace('\n', ' ')
-      with open(self.skipped_log, 'a') as f:  # one short append: whole lines from any process
-        f.write(line + '\n')
+    path = self.path(index)
+    if not self.skipped_log or path in self._logged or path in self.skipped():
+      self._logged.add(path)
+      return
+    self._logged.add(path)
+    line = f'{path}\t{type(error).__name__}: {error}'.replace('\n', ' ')
+    with open(self.skipped_log, 'a') as f:  # one short append: whole lines from any process
+      f.write(line + '\n')
 
   def skipped(self) -> Tuple[str, ...]:
     """The distinct paths skipped so far, by any process that shares `skipped_log`."""

@@ -79,9 +79,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'log_every_steps': (0, 'an integer >= 0 (0 turns it off)'),
       'eval_every_steps': (0, 'an integer >= 0 (0 turns it off)'),
       'checkpoint_every_steps': (0, 'an integer >= 0 (0 turns it off)'),
+      'seed': (0, 'an integer >= 0'),
+      'data_on_device_max_bytes': (0, 'an integer >= 0 (0 streams every split)'),
   }
   for key, (lowest, accepted) in integers.items():
     check_integer(config, key, lowest, accepted)
+  if 'data_workers' in config:
+    check_integer(config, 'data_workers', 0, 'an integer >= 0 (0 decodes in this process)')
   if not config.learning_rate > 0:
     raise UserError(f'config.learning_rate={config.learning_rate!r}; accepted: a number > 0.')
   num_devices = jax.device_count()
@@ -95,6 +99,18 @@ def check_integer(config: ml_collections.ConfigDict, key: str, lowest: int,
   value = config[key]
   if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
     raise UserError(f'config.{key}={value!r}; accepted: {accepted}.')
+
+
+def check_builds(what: str, build: Callable[[], Any]) -> Any:
+  """`build()`, typically a `jax.eval_shape` of a model's init (no computation, no memory),
+  with a `TypeError` or `ValueError` it raises as a `UserError` naming `what`. JAX's own type
+  errors (a tracer used as a bool) are bugs, and keep their traceback."""
+  try:
+    return build()
+  except jax.errors.JAXTypeError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise UserError(f'{what}: {str(e).splitlines()[0]}') from None
 
 
 def prepare_workdir(workdir: str) -> None:

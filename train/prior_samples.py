@@ -41,7 +41,8 @@ def sample_image_rows(prior: CodePrior, params: Any, decode, vqvae_variables: An
 
 def describe_options(temperature: float, top_k: Optional[int], top_p: Optional[float],
                      guidance_scale: Optional[float] = None) -> str:
-  text = f'temperature {temperature:g}, top-k {top_k or "off"}, top-p {top_p or "off"}'
+  nucleus = top_p if top_p and top_p < 1 else 'off'
+  text = f'temperature {temperature:g}, top-k {top_k or "off"}, top-p {nucleus}'
   return text + (f', guidance {guidance_scale:g}' if guidance_scale is not None else '')
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -59,18 +61,72 @@ class CodeData:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the values that need no VQ-VAE; `check_against_vqvae` checks the rest."""
   loop.validate(config)
   loop.check_integer(config, 'num_samples', 0, 'an integer >= 0 (0: no samples.png)')
   loop.check_integer(config, 'sample_top_k', 0, 'an integer >= 0 (0 turns it off)')
-  if not config.sample_temperature > 0:
+  loop.check_integer(config, 'warmup_steps', 0, 'an integer >= 0')
+  if not 0 <= config.weight_decay < math.inf:
+    raise UserError(f'config.weight_decay={config.weight_decay!r}; accepted: a number >= 0.')
+  if not 0 < config.sample_temperature < math.inf:
     raise UserError(f'config.sample_temperature={config.sample_temperature!r}; accepted: a '
-                    f'number > 0.')
+                    f'finite number > 0.')
   if not 0 < config.sample_top_p <= 1:
     raise UserError(f'config.sample_top_p={config.sample_top_p!r}; accepted: a number in '
                     f'(0, 1] (1 turns it off).')
   if not config.vqvae_workdir:
     raise UserError('config.vqvae_workdir is empty; accepted: the --workdir of a trained '
                     'VQ-VAE, e.g. --config.vqvae_workdir=runs/quickstart.')
+
+
+def open_vqvae_data(config: ml_collections.ConfigDict, workdir: str
+                    ) -> Optional[data_lib.Splits]:
+  """The VQ-VAE's dataset opened (nothing decoded but headers, nothing written), or None when
+  the workdir's cache holds its codes already."""
+  if os.path.exists(os.path.join(workdir, CODES_FILE)):
+    return None
+  return data_lib.open_splits(
+      ml_collections.ConfigDict(read_run_info(config.vqvae_workdir)['config']))
+
+
+def check_labels(config: ml_collections.ConfigDict, workdir: str,
+                 splits: Optional[data_lib.Splits]) -> None:
+  """A conditional prior whose held-out codes have no labels needs `label_dropout > 0`: their
+  bits per code are the unconditional model's."""
+  if not config.conditional or config.model.get('label_dropout', 0.0):
+    return
+  if splits is None:
+    with np.load(os.path.join(workdir, CODES_FILE)) as cached:
+      has_classes, has_eval_labels = len(cached['class_names']) > 0, 'eval_labels' in cached
+  else:
+    has_classes = bool(splits.class_names)
+    has_eval_labels = splits.eval_labels is not None or bool(
+        getattr(splits.eval, 'label_key', None))  # a streamed tfds split reads its labels
+  if has_classes and not has_eval_labels:
+    raise UserError('config.model.label_dropout=0, but the held-out codes have no labels, so '
+                    'their bits per code need the unconditional model; accepted: '
+                    'label_dropout > 0, or --config.conditional=False.')
+
+
+def check_against_vqvae(config: ml_collections.ConfigDict, vqvae: VQVAE,
+                        vqvae_variables: Any) -> None:
+  """The checks that need the VQ-VAE: `sample_top_k <= K`, and a prior built from
+  `config.model` over its code grid (abstractly: shapes only)."""
+  if config.sample_top_k > vqvae.codebook_size:
+    raise UserError(f'config.sample_top_k={config.sample_top_k}; accepted: an integer in '
+                    f'[0, {vqvae.codebook_size}] (K of the VQ-VAE in {config.vqvae_workdir}; '
+                    f'0 turns it off).')
+  image_shape = read_run_info(config.vqvae_workdir)['image_shape']
+  grid_shape = jax.eval_shape(
+      lambda variables, images: vqvae.apply(variables, images, method=VQVAE.encode),
+      vqvae_variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)).shape[1:]
+  # One class stands for the dataset's: their number is known once its labels are read.
+  prior = prior_from_config(config, vqvae.codebook_size, grid_shape,
+                            1 if config.conditional else None)
+  codes = jax.ShapeDtypeStruct((1, *grid_shape), jnp.int32)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32) if prior.num_classes else None
+  loop.check_builds('config.model', lambda: jax.eval_shape(
+      prior.init, jax.random.key(0), codes, labels))
 
 
 def encode_codes(vqvae: VQVAE, variables: Any, images, mesh: jax.sharding.Mesh,
@@ -107,9 +163,12 @@ def encode_codes(vqvae: VQVAE, variables: Any, images, mesh: jax.sharding.Mesh,
 
 
 def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae: VQVAE,
-                         vqvae_variables: Any, vqvae_step: int, mesh: jax.sharding.Mesh
-                         ) -> CodeData:
-  """The VQ-VAE's code grids: from the workdir's cache, or encoded once and cached there."""
+                         vqvae_variables: Any, vqvae_step: int, mesh: jax.sharding.Mesh,
+                         splits: Optional[data_lib.Splits] = None) -> CodeData:
+  """The VQ-VAE's code grids: from the workdir's cache, or encoded once and cached there.
+
+  `splits`: the VQ-VAE's dataset, opened (`open_vqvae_data`); opened here if None.
+  """
   path = os.path.join(workdir, CODES_FILE)
   if os.path.exists(path):
     with np.load(path) as cached:
@@ -120,7 +179,7 @@ def load_or_encode_codes(config: ml_collections.ConfigDict, workdir: str, vqvae:
                     class_names=tuple(str(n) for n in stored['class_names']),
                     vqvae_step=int(stored['vqvae_step']), **labels)
   vqvae_config = ml_collections.ConfigDict(read_run_info(config.vqvae_workdir)['config'])
-  images = data_lib.load(vqvae_config)
+  images = data_lib.read(splits or data_lib.open_splits(vqvae_config), vqvae_config)
   print(f'Encoding {len(images.train)} training and {len(images.eval)} held-out images with '
         f'the VQ-VAE in {config.vqvae_workdir} (step {vqvae_step}); cached in {path}.',
         flush=True)
@@ -184,17 +243,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   # A resumed prior keeps the VQ-VAE checkpoint its cached codes came from, even if the VQ-VAE
   # has trained on since.
   vqvae, vqvae_variables, vqvae_step = load_vqvae(config.vqvae_workdir, cached_vqvae_step(workdir))
-  loop.prepare_workdir(workdir)  # after the checks of the config and the VQ-VAE
+  check_against_vqvae(config, vqvae, vqvae_variables)
+  splits = open_vqvae_data(config, workdir)
+  check_labels(config, workdir, splits)
+  loop.prepare_workdir(workdir)  # after the checks of the config, the VQ-VAE and its data
   mesh = loop.data_mesh()
   vqvae_variables = jax.device_put(vqvae_variables, NamedSharding(mesh, P()))
-  codes = load_or_encode_codes(config, workdir, vqvae, vqvae_variables, vqvae_step, mesh)
+  codes = load_or_encode_codes(config, workdir, vqvae, vqvae_variables, vqvae_step, mesh,
+                               splits)
   conditional = bool(config.conditional and codes.class_names)
   prior = prior_from_config(config, vqvae.codebook_size, codes.train_codes.shape[1:],
                             len(codes.class_names) if conditional else None)
-  if conditional and codes.eval_labels is None and not prior.label_dropout:
-    raise UserError('config.model.label_dropout=0, but the held-out codes have no labels, so '
-                    'their bits per code need the unconditional model; accepted: '
-                    'label_dropout > 0, or --config.conditional=False.')
   write_run_info(workdir, config, {
       'num_embeddings': vqvae.codebook_size, 'grid_shape': list(prior.grid_shape),
       'class_names': list(codes.class_names) if conditional else [],

@@ -21,9 +21,9 @@ from typing import Any, Dict, List
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from train import cpu_tuning, trainer
+from train import cli, cpu_tuning, trainer
 from train.bench.jax_side import prepare_model_step
 from train.bench.measure import time_interleaved
 from train.configs import quantizer_families, quickstart
@@ -32,10 +32,11 @@ from train.step import model_from_config
 _BITS = flags.DEFINE_enum('bits', '9', [str(b) for b in quantizer_families.FAMILIES],
                           'Bits per code (one code per grid position, or all stages of one).')
 _FAMILIES = flags.DEFINE_list('families', [], 'Families to run; default: all at --bits.')
-_STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps per run.')
+_STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps per run.', lower_bound=1)
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds, one run each per family.')
-_TIMING_STEPS = flags.DEFINE_integer('timing_steps', 50, 'Steps per timing round.')
-_TIMING_ROUNDS = flags.DEFINE_integer('timing_rounds', 3, 'Interleaved timing rounds.')
+_TIMING_STEPS = flags.DEFINE_integer('timing_steps', 50, 'Steps per timing round.', lower_bound=1)
+_TIMING_ROUNDS = flags.DEFINE_integer('timing_rounds', 3, 'Interleaved timing rounds.',
+                                      lower_bound=1)
 _OUT = flags.DEFINE_string('out', 'benchmarks/quantizer_families', 'Output path, no extension.')
 
 METRICS = ('eval_nmse', 'eval_psnr', 'eval_codes_used', 'eval_perplexity',
@@ -133,16 +134,20 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(argv):
-  del argv
-  cpu_tuning.apply()  # the trainer's CPU settings, before JAX starts its backend
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; accepted: flags only (see --help).')
   bits = int(_BITS.value)
   families = _FAMILIES.value or list(quantizer_families.FAMILIES[bits])
   unknown = sorted(set(families) - set(quantizer_families.FAMILIES[bits]))
   if unknown:
-    raise app.UsageError(f'--families: unknown {unknown} at {bits} bits; accepted: '
-                         f'{sorted(quantizer_families.FAMILIES[bits])}.')
+    cli.fail(f'--families: unknown {unknown} at {bits} bits; accepted: '
+             f'{sorted(quantizer_families.FAMILIES[bits])}.')
+  if not all(s.isdigit() for s in _SEEDS.value) or not _SEEDS.value:
+    cli.fail(f'--seeds={",".join(_SEEDS.value)!r}; accepted: integers >= 0, comma-separated.')
   seeds = [int(s) for s in _SEEDS.value]
-  runs = train_runs(families, bits, seeds, _STEPS.value)
+  cpu_tuning.apply()  # the trainer's CPU settings, before JAX starts its backend
+  with cli.user_errors_in_one_line():
+    runs = train_runs(families, bits, seeds, _STEPS.value)
   step_ms = time_steps(families, bits)
   info = {}
   for family in families:
@@ -163,4 +168,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -17,7 +17,8 @@ from train import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The --workdir of python -m train.prior.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 64, 'How many samples.', lower_bound=1)
-_OUT = flags.DEFINE_string('out', 'samples.png', 'The PNG to write; the codes go to .npz beside.')
+_OUT = flags.DEFINE_string('out', 'samples.png', 'The PNG to write (a .png path); the codes go to '
+                           'the .npz beside it.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Sampling temperature, > 0.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely codes at each position; 0: off.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass, in (0, 1]; 1: off.')
@@ -54,6 +55,9 @@ def _labels(class_names, num_samples):
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; accepted: flags only (see --help).')
+  if os.path.splitext(_OUT.value)[1].lower() != '.png':
+    cli.fail(f'--out {_OUT.value!r}; accepted: a .png path (the codes go to the .npz beside '
+             f'it).')
   logging.set_verbosity(logging.WARNING)  # before JAX logs which backends it tried
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -65,7 +69,7 @@ def main(argv):
     class_names = tuple(info['class_names'])
     labels = _labels(class_names, _NUM_SAMPLES.value)
     options = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,
-                   top_p=_TOP_P.value if _TOP_P.value != 1.0 else None,
+                   top_p=_TOP_P.value,
                    guidance_scale=_GUIDANCE_SCALE.value)
     vqvae, vqvae_variables, _ = prior_training.load_vqvae(info['config']['vqvae_workdir'],
                                                           info['vqvae_step'])

@@ -27,6 +27,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   loop.validate(config)
   loop.check_integer(config, 'num_reconstructions', 0, 'an integer >= 0')
   loop.check_integer(config, 'image_size', 0, "an integer >= 0 (0 keeps the dataset's size)")
+  if config.image_channels not in (0, 1, 3) or isinstance(config.image_channels, bool):
+    raise UserError(f'config.image_channels={config.image_channels!r}; accepted: 0 (the '
+                    f"images' own), 1 or 3.")
+  model_from_config(config.model, config.image_channels or 3)  # its fields, before any data
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -34,6 +38,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   validate(config)
   splits = data_lib.open_splits(config, workdir)
   model = model_from_config(config.model, splits.image_shape[-1])
+  loop.check_builds('config.model', lambda: jax.eval_shape(
+      lambda rng, images: model.init(rng, images, train=False), jax.random.key(0),
+      jax.ShapeDtypeStruct((1, *splits.image_shape), np.float32)))
   loop.prepare_workdir(workdir)  # after every check of the config, so that an error writes nothing
   data = data_lib.read(splits, config, workdir)
   variance = write_run_info(workdir, config, {'data_variance': data.variance,
@@ -59,7 +66,8 @@ def _skipped_notice(skipped, workdir: str) -> str:
     return ''
   shown = ', '.join(skipped[:3]) + (', ...' if len(skipped) > 3 else '')
   return (f'warning: {len(skipped)} unreadable image file(s) skipped, each replaced by the next '
-          f'file ({os.path.join(workdir, data_lib.SKIPPED_LOG)} lists them): {shown}')
+          f'readable file of its class ({os.path.join(workdir, data_lib.SKIPPED_LOG)} lists '
+          f'them): {shown}')
 
 
 def _evaluate(evaluator, state: TrainState, data, variance: float, config, workdir: str,

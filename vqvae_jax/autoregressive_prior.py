@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -34,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from vqvae_jax.quantizers import check_codes as check_code_values
 
 Array = jax.Array
 Dtype = Any
@@ -226,8 +229,8 @@ class CodePrior(nn.Module):
     Returns:
       float32 `[B, h*w, K]`: at position `t`, the logits of code `t` given codes `< t`.
     """
-    check_codes(self, codes)
-    check_labels(self, labels, codes.shape[0])
+    codes = check_codes(self, codes)
+    labels = check_labels(self, labels, codes.shape[0])
     return self.teacher_forced(codes, self._start_tokens(codes.shape[0], labels, train), train)
 
   def teacher_forced(self, codes: Array, start_tokens: Array, train: bool = False) -> Array:
@@ -244,8 +247,10 @@ class CodePrior(nn.Module):
     """Per-example negative log-likelihood in bits per code: float32 `[B]`.
 
     The mean over the grid's positions of `-log2 p(code_t | codes < t)`; its mean over a
-    split is the prior's bits per code (`log2 K` for a uniform guess).
+    split is the prior's bits per code (`log2 K` for a uniform guess). Codes outside
+    `[0, K)` are a ValueError, or, traced under jit, give NaN.
     """
+    codes = check_codes(self, codes)
     logits = self(codes, labels)
     flat = codes.reshape(codes.shape[0], self.length)
     nats = cross_entropy(logits, flat)
@@ -272,54 +277,62 @@ class CodePrior(nn.Module):
 
 
 def cross_entropy(logits: Array, codes: Array) -> Array:
-  """float32 `-log p(code)` per position: logits `[..., K]`, int codes `[...]` -> `[...]`."""
+  """float32 `-log p(code)` per position: logits `[..., K]`, int codes `[...]` -> `[...]`.
+
+  A code outside `[0, K)` gives NaN (a gather would wrap -1 to the last code's value).
+  """
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return -jnp.take_along_axis(log_probs, codes[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  codes = codes.astype(jnp.int32)
+  nats = -jnp.take_along_axis(log_probs, codes[..., None], axis=-1)[..., 0]
+  return jnp.where((codes >= 0) & (codes < logits.shape[-1]), nats, jnp.nan)
 
 
-# ---- Input checks: one clear ValueError naming the value. ----
+# ---- Input checks: one clear ValueError (TypeError for a wrong dtype) naming the value. ----
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def check_codes(prior: CodePrior, codes: Any, name: str = 'codes') -> Any:
+  """Shape `[B, h, w]` (the trained grid) and `vqvae_jax.quantizers.check_codes`' contract:
+  an integer dtype (else TypeError) and, if concrete, values in [0, K) (else ValueError).
 
-
-def check_codes(prior: CodePrior, codes: Any, name: str = 'codes') -> None:
-  """Shape `[B, h, w]` (the trained grid), an integer dtype, and, if concrete, values in [0, K)."""
+  Returns:
+    `codes` as an array (a list or a tuple becomes one).
+  """
   shape = tuple(np.shape(codes))
   if len(shape) != 3 or shape[1:] != prior.grid_shape:
     raise ValueError(f'{name} must have shape [B, {prior.grid_shape[0]}, {prior.grid_shape[1]}] '
                      f'(the grid the prior was built for), got shape {shape}.')
-  _check_integers(codes, name, prior.num_embeddings)
+  return check_code_values(codes, prior.num_embeddings, f'CodePrior {name}')
 
 
-def _check_integers(values: Any, name: str, upper: int) -> None:
-  values = _as_array(values)
-  if not jnp.issubdtype(jnp.result_type(values), jnp.integer):
-    raise ValueError(f'{name} must be integers, got dtype {jnp.result_type(values)}.')
-  if _is_concrete(values) and np.size(values):
-    values = np.asarray(values)
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= upper:
-      bad = low if low < 0 else high
-      raise ValueError(f'{name} holds {bad}; accepted: integers in [0, {upper}).')
-
-
-def _as_array(values: Any) -> Any:
-  """Arrays (and tracers) as they are; a list or a tuple as a numpy array."""
-  return values if hasattr(values, 'dtype') else np.asarray(values)
-
-
-def check_labels(prior: CodePrior, labels: Any, batch: Optional[int] = None) -> None:
+def check_labels(prior: CodePrior, labels: Any, batch: Optional[int] = None) -> Any:
+  """None, or int `[B]` in `[0, num_classes)` for a conditional prior; returns them as an array."""
   if labels is None:
-    return
+    return None
   if prior.num_classes is None:
     raise ValueError('labels were given, but this prior is unconditional (num_classes=None); '
                      'accepted: labels=None.')
+  labels = labels if hasattr(labels, 'dtype') else np.asarray(labels)
   shape = tuple(np.shape(labels))
   if len(shape) != 1 or (batch is not None and shape[0] != batch):
     raise ValueError(f'labels must have shape [B] ({batch if batch is not None else "B"} '
-                     f'examples), got shape {shape}.')
-  _check_integers(labels, 'labels', prior.num_classes)
+                     f'examples), got shape {shape}; accepted: one integer label per example.')
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f'labels must be integers, got dtype {labels.dtype}.')
+  if not isinstance(labels, jax.core.Tracer) and labels.size:
+    values = np.asarray(labels)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= prior.num_classes:
+      raise ValueError(f'labels holds {low if low < 0 else high}; accepted: integers in '
+                       f'[0, {prior.num_classes}).')
+  return labels
+
+
+def _number(value: Any, name: str, accepted: str, integer: bool = False) -> Any:
+  """`value` as a Python float (or int): a finite real number, numpy scalars included."""
+  kind = numbers.Integral if integer else numbers.Real
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind) or \
+      not math.isfinite(value):
+    raise ValueError(f'{name} must be {accepted}, got {value!r}.')
+  return int(value) if integer else float(value)
 
 
 # ---- Sampling. ----
@@ -329,7 +342,8 @@ def filter_logits(logits: Array, top_k: Optional[int] = None, top_p: Optional[Ar
   """Sets to -inf every logit outside the `top_k` largest and outside the nucleus `top_p`.
 
   The nucleus is the smallest set of the most likely codes whose probabilities sum to at least
-  `top_p`; the most likely code is always kept, and so are codes tied with the last one kept.
+  `top_p`; the most likely code is always kept (so `top_p <= 0` keeps only it), and so are
+  codes tied with the last one kept; `top_p >= 1` keeps every code.
   `logits` float32 `[B, K]`.
   """
   if top_k is not None:
@@ -341,6 +355,8 @@ def filter_logits(logits: Array, top_k: Optional[int] = None, top_p: Optional[Ar
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     # The least likely code kept: the last whose predecessors' mass is below top_p.
     kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+    # A float32 cumulative sum can reach 1 before the last code: top_p >= 1 must keep all.
+    kept = jnp.where(top_p >= 1, logits.shape[-1], jnp.maximum(kept, 1))
     threshold = jnp.take_along_axis(descending, kept - 1, axis=-1)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
@@ -348,8 +364,15 @@ def filter_logits(logits: Array, top_k: Optional[int] = None, top_p: Optional[Ar
 
 def _draw(logits: Array, example_keys: Array, position: Array, temperature: Array,
           top_k: Optional[int], top_p: Optional[Array]) -> Array:
-  """Codes `[B]` drawn from `logits` `[B, K]`, each example from its own key and position."""
-  logits = filter_logits(logits / temperature, top_k, top_p)
+  """Codes `[B]` drawn from `logits` `[B, K]`, each example from its own key and position.
+
+  The largest logit is subtracted before dividing by the temperature, and the temperature is
+  at least float32's smallest normal number: as it goes to 0, the draw goes to the argmax
+  instead of overflowing (`x / 1e-40` is `inf` or NaN in float32).
+  """
+  temperature = jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  logits = filter_logits(shifted / temperature, top_k, top_p)
   keys = jax.vmap(lambda k: jax.random.fold_in(k, position))(example_keys)
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
@@ -426,14 +449,17 @@ def sample(prior: CodePrior, params: PyTree, key: Array, *, num_samples: Optiona
       from `fold_in(fold_in(key, i), t)`, whatever the batch size or device layout.
     num_samples: B; may be omitted when `labels` or `prefix` give it.
     labels: int `[B]` in `[0, num_classes)` for a class-conditional prior; None draws from
-      the unconditional model (only a prior trained with `label_dropout` has a meaningful one).
-    temperature: > 0; logits are divided by it before filtering.
+      the unconditional model, which only a prior trained with `label_dropout > 0` has (for a
+      conditional prior without it, None is a ValueError).
+    temperature: a finite number > 0; logits are divided by it before filtering. As it goes
+      to 0, the draw goes to the most likely code (greedy decoding).
     top_k: keep only the `top_k` most likely codes at each position (1 <= top_k <= K).
     top_p: keep only the nucleus of the most likely codes whose mass reaches `top_p`, in
-      (0, 1].
-    guidance_scale: classifier-free guidance with labels: logits `u + s * (c - u)` from the
-      conditional `c` and unconditional `u` models (1 is the conditional model alone; larger
-      follows the label more closely). Needs a prior trained with `label_dropout > 0`.
+      (0, 1]; 1 keeps every code, like None.
+    guidance_scale: a finite number: classifier-free guidance with labels, logits
+      `u + s * (c - u)` from the conditional `c` and unconditional `u` models (1 is the
+      conditional model alone; larger follows the label more closely; 0 is the unconditional
+      model). Needs a prior trained with `label_dropout > 0`.
     prefix: int `[B, P]` codes in raster order (`grid[:, :r].reshape(B, -1)` is the top `r`
       rows), `P <= h * w`: the first `P` codes are these, and the rest are sampled given them.
     use_cache: False recomputes the whole prefix at each position instead of using the cache;
@@ -444,22 +470,42 @@ def sample(prior: CodePrior, params: PyTree, key: Array, *, num_samples: Optiona
   Returns:
     int32 `[B, h, w]` code grids, to decode with `VQVAE.decode`.
   """
-  if not (isinstance(temperature, (int, float)) and temperature > 0):
-    raise ValueError(f'temperature must be a number > 0, got {temperature!r}.')
-  if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-    raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
-  labels = None if labels is None else _as_array(labels)
-  prefix = None if prefix is None else _as_array(prefix)
-  if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= prior.num_embeddings):
-    raise ValueError(f'top_k must be an integer in [1, {prior.num_embeddings}] (K), got '
-                     f'{top_k!r}.')
+  temperature = _number(temperature, 'temperature', 'a finite number > 0')
+  if temperature <= 0:
+    raise ValueError(f'temperature must be a finite number > 0, got {temperature!r}.')
+  if top_p is not None:
+    top_p = _number(top_p, 'top_p', 'a number in (0, 1]')
+    if not 0 < top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1], got {top_p!r}.')
+    top_p = None if top_p == 1 else top_p
+  if top_k is not None:
+    top_k = _number(top_k, 'top_k', f'an integer in [1, {prior.num_embeddings}] (K)', True)
+    if not 1 <= top_k <= prior.num_embeddings:
+      raise ValueError(f'top_k must be an integer in [1, {prior.num_embeddings}] (K), got '
+                       f'{top_k!r}.')
+  if guidance_scale is not None:
+    guidance_scale = _number(guidance_scale, 'guidance_scale', 'a finite number')
+  if num_samples is not None:
+    num_samples = _number(num_samples, 'num_samples', 'an integer >= 1', True)
+  labels = None if labels is None else (labels if hasattr(labels, 'dtype')
+                                        else np.asarray(labels))
+  prefix = None if prefix is None else (prefix if hasattr(prefix, 'dtype')
+                                        else np.asarray(prefix))
+  for name, value in (('labels', labels), ('prefix', prefix)):
+    if value is not None and np.ndim(value) != (1 if name == 'labels' else 2):
+      raise ValueError(f'{name} must have shape {"[B]" if name == "labels" else "[B, P]"}, got '
+                       f'shape {tuple(np.shape(value))}.')
   sizes = {n for n in (num_samples, None if labels is None else len(labels),
                        None if prefix is None else len(prefix)) if n is not None}
-  if len(sizes) != 1 or not all(isinstance(n, int) and n >= 1 for n in sizes):
+  if len(sizes) != 1 or min(sizes) < 1:
     raise ValueError(f'num_samples={num_samples!r}, labels and prefix must agree on one batch '
                      f'size >= 1 (give at least one), got sizes {sorted(sizes)}.')
   batch = sizes.pop()
-  check_labels(prior, labels, batch)
+  labels = check_labels(prior, labels, batch)
+  if labels is None and prior.num_classes and not prior.label_dropout:
+    raise ValueError('labels=None asks for the unconditional model, which this conditional '
+                     'prior never trained (label_dropout=0); accepted: labels, or a prior '
+                     'trained with label_dropout > 0.')
   if guidance_scale is not None:
     if labels is None or not prior.label_dropout:
       raise ValueError(f'guidance_scale={guidance_scale!r} needs labels and a prior trained '
@@ -470,7 +516,7 @@ def sample(prior: CodePrior, params: PyTree, key: Array, *, num_samples: Optiona
     if np.ndim(prefix) != 2 or not 0 <= np.shape(prefix)[1] <= prior.length:
       raise ValueError(f'prefix must have shape [B, P] with P <= {prior.length} (h * w), got '
                        f'shape {tuple(np.shape(prefix))}.')
-    _check_integers(prefix, 'prefix', prior.num_embeddings)
+    check_code_values(prefix, prior.num_embeddings, 'sample prefix')
     prefix_length = np.shape(prefix)[1]
   prefix = (jnp.zeros((batch, 1), jnp.int32) if not prefix_length
             else jnp.asarray(prefix, jnp.int32))
@@ -502,15 +548,28 @@ def baseline_bits_per_code(train_codes: np.ndarray, eval_codes: np.ndarray,
     smoothing; the first code of each row uses the unigram.
   """
   k = num_embeddings
-  train_codes, eval_codes = np.asarray(train_codes), np.asarray(eval_codes)
+  grids = []
+  for name, codes in (('train_codes', train_codes), ('eval_codes', eval_codes)):
+    codes = np.asarray(check_code_values(np.asarray(codes), k, f'baseline_bits_per_code '
+                                                               f'{name}'), np.int64)
+    if codes.ndim != 3 or not codes.size:
+      raise ValueError(f'baseline_bits_per_code: {name} must be a non-empty [N, h, w] grid, '
+                       f'got shape {codes.shape}.')
+    grids.append(codes)
+  train_codes, eval_codes = grids
   unigram = np.bincount(train_codes.ravel(), minlength=k) + 1.0
   unigram_log2 = np.log2(unigram / unigram.sum())
-  pairs = np.zeros((k, k))
-  np.add.at(pairs, (train_codes[:, :, :-1].ravel(), train_codes[:, :, 1:].ravel()), 1.0)
-  pairs += 1.0
-  bigram_log2 = np.log2(pairs / pairs.sum(axis=1, keepdims=True))
+  # Only the pairs that occur are counted (pair id = left * K + right): O(codes), not O(K^2).
+  pair_ids, pair_counts = np.unique(train_codes[:, :, :-1] * k + train_codes[:, :, 1:],
+                                    return_counts=True)
+  left_counts = np.bincount(train_codes[:, :, :-1].ravel(), minlength=k)
+  eval_left, eval_right = eval_codes[:, :, :-1].ravel(), eval_codes[:, :, 1:].ravel()
+  eval_ids = eval_left * k + eval_right
+  found = np.minimum(np.searchsorted(pair_ids, eval_ids), max(len(pair_ids) - 1, 0))
+  counts = np.where(pair_ids[found] == eval_ids, pair_counts[found], 0) if len(pair_ids) else \
+      np.zeros(len(eval_ids))
+  bigram_log2 = np.log2((counts + 1.0) / (left_counts[eval_left] + k))
   first = eval_codes[:, :, 0]
-  left, right = eval_codes[:, :, :-1], eval_codes[:, :, 1:]
-  bigram_bits = (-unigram_log2[first].sum() - bigram_log2[left, right].sum()) / eval_codes.size
+  bigram_bits = (-unigram_log2[first].sum() - bigram_log2.sum()) / eval_codes.size
   return {'uniform': float(np.log2(k)), 'unigram': float(-unigram_log2[eval_codes].mean()),
           'bigram': float(bigram_bits)}

@@ -97,10 +97,18 @@ def _layout(arch: Mapping[str, Any]) -> Dict[str, Tuple[Tuple[str, ...], Tuple[i
   return layout
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def _to_numpy(value: Any, what: str) -> np.ndarray:
+  """`value` as a float32 array; anything else is a ValueError naming `what`."""
   if hasattr(value, 'detach'):  # a torch tensor, accepted without importing torch
     value = value.detach().cpu().numpy()
-  return np.asarray(value, dtype=np.float32)
+  try:
+    array = np.asarray(value)
+    if array.dtype.kind not in 'fiu':
+      raise TypeError(f'dtype {array.dtype}')
+    return array.astype(np.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{what} holds {type(value).__name__} ({e}); accepted: a float array or '
+                     f'a CPU tensor.') from None
 
 
 def _private_copy(value: np.ndarray, transpose: Optional[Tuple[int, ...]]) -> np.ndarray:
@@ -147,7 +155,7 @@ def from_seed_state_dict(state_dict: Mapping[str, Any], model: Any = None) -> Di
   for key, (path, shape, transpose) in layout.items():
     if key not in state_dict:
       raise ValueError(f'seed state_dict is missing key {key!r} (expected shape {shape}).')
-    value = _to_numpy(state_dict[key])
+    value = _to_numpy(state_dict[key], f'seed state_dict key {key!r}')
     if value.shape != shape:
       raise ValueError(f'seed state_dict key {key!r} has shape {value.shape}, expected {shape} '
                        f'for architecture {arch}.')
@@ -166,15 +174,25 @@ def to_seed_state_dict(variables: Mapping[str, Any], architecture: Mapping[str, 
     variables: `VQVAE` variables of the seed's architecture (`residual_skip='relu'`, 3 image
       channels, no zero-debias).
     architecture: as returned by `seed_architecture`.
+
+  Raises:
+    ValueError: naming the variable that is missing, of the wrong shape, or not a float array.
   """
   # A plain quantizer trained with k-means init or restarts keeps part of its codes in
   # batch_stats['vq']['codebook_offset']: the seed's codebook is their sum.
   variables = merge_codebook_offset(variables)
   state_dict = {}
-  for key, (path, _, transpose) in _layout(architecture).items():
+  for key, (path, shape, transpose) in _layout(architecture).items():
     value = variables
     for part in path:
+      if not hasattr(value, 'keys') or part not in value:
+        raise ValueError(f'variables lack {"/".join(path)} (for the seed\'s {key!r}); accepted: '
+                         f'the variables of a VQVAE with architecture {dict(architecture)}.')
       value = value[part]
-    value = np.asarray(value, dtype=np.float32)
-    state_dict[key] = value.transpose(np.argsort(transpose)) if transpose else value
+    value = _to_numpy(value, f'variable {"/".join(path)}')
+    value = value.transpose(np.argsort(transpose)) if transpose else value
+    if value.shape != shape:
+      raise ValueError(f'variable {"/".join(path)} has shape {value.shape} in the seed\'s layout, '
+                       f'expected {shape} for architecture {dict(architecture)}.')
+    state_dict[key] = value
   return state_dict

@@ -203,6 +203,9 @@ class VQVAE(CodebookOptions):
       raise ValueError(
           f'VQVAE expects images of shape [B, H, W, {self.image_channels}] (NHWC, image_channels='
           f'{self.image_channels}) with H and W divisible by 4, got shape {tuple(images.shape)}.')
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise TypeError(f'VQVAE expects float images (the seed scales pixels to [-0.5, 0.5]: '
+                      f'uint8 / 255 - 0.5), got dtype {images.dtype}.')
 
   def latents(self, images: Array) -> Array:
     """Encoder and pre-quantization conv: `[B, H, W, C]` -> `[B, H/4, W/4, D]`."""
@@ -249,7 +252,21 @@ class VQVAE(CodebookOptions):
 
   def encode(self, images: Array) -> Array:
     """Images `[B, H, W, C]` -> int32 code grid `[B, H/4, W/4]` (`[B, H/4, W/4, Q]` for
-    residual VQ). Never updates state."""
+    residual VQ). Never updates state.
+
+    Raises:
+      TypeError: `images` are not floats (uint8 pixels must be scaled first).
+      ValueError: the shape is not `[B, H, W, image_channels]` with H and W divisible by 4;
+        or concrete `images` (not traced) hold NaN or an infinity, which has no nearest code.
+        Traced ones are not checked (that would need a device sync), and such a position's
+        code is unspecified there.
+    """
+    images = jnp.asarray(images) if not hasattr(images, 'dtype') else images
+    self._check_images(images)
+    if not isinstance(images, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(images))):
+      bad = int(jnp.sum(~jnp.isfinite(images)))
+      raise ValueError(f'VQVAE.encode: images hold {bad} NaN or infinite values; accepted: '
+                       f'finite pixels in [-0.5, 0.5].')
     return self.vq(self.latents(images), train=False).indices
 
   def decode(self, codes: Array) -> Array:
@@ -270,6 +287,12 @@ class VQVAE(CodebookOptions):
         the pixels it reaches decode to NaN, never to a valid image (see `embed` of the
         quantizers).
     """
+    codes = jnp.asarray(codes) if not hasattr(codes, 'dtype') else codes
+    rank = 4 if self.codes_per_position > 1 else 3
+    if codes.ndim != rank:
+      grid = '[B, h, w, Q]' if rank == 4 else '[B, h, w]'
+      raise ValueError(f'VQVAE.decode expects codes of shape {grid}, got shape '
+                       f'{tuple(codes.shape)}.')
     return self.decoder(self.vq.embed(codes).astype(self.dtype)).astype(jnp.float32)
 
 

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import normal
-from vqvae_jax import ResidualVQ, VectorQuantizer, VectorQuantizerEMA
+from vqvae_jax import ResidualVQ, VectorQuantizerEMA
 from vqvae_jax.codebook import perplexity_from_counts
 
 K, D = 8, 4

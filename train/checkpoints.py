@@ -106,7 +106,7 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, facts: Dict[
     The facts the run trains with: the stored ones when resuming.
   """
   path = os.path.join(workdir, RUN_FILE)
-  # Through JSON, so that a tuple (fsq_levels) compares equal to the list it is stored as.
+  # Through JSON, so that a tuple (FSQ's levels) compares equal to the list it is stored as.
   info = {'config': json.loads(json.dumps(config.to_dict())), **facts}
   if os.path.exists(path):
     with open(path) as f:

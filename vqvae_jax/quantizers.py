@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from jax import lax
 
@@ -559,10 +558,8 @@ class VectorQuantizerEMA(_VectorQuantizerBase):
 
   def __post_init__(self):
     self._check_common_fields()
-    if not 0.0 <= self.decay < 1.0:
-      raise ValueError(f'decay must be in [0, 1), got {self.decay!r}.')
-    if self.epsilon < 0:
-      raise ValueError(f'epsilon must be >= 0, got {self.epsilon!r}.')
+    check_number('decay', self.decay, 0, 1, high_open=True)
+    check_number('epsilon', self.epsilon, 0)
     super().__post_init__()
 
   def setup(self):

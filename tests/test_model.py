@@ -316,7 +316,8 @@ def test_the_quantizer_config_reaches_the_quantizer():
   with pytest.raises(ValueError, match=r"num_embeddings=32 sets the seed's quantizer; with "
                                        r"quantizer=\{'family': 'fsq'"):
     VQVAE(**SMALL, quantizer=dict(family='fsq', levels=(4, 4)))
-  with pytest.raises(ValueError, match="quantizer family 'fsq' has no field 'axis_name'"):
+  with pytest.raises(ValueError,
+                     match="quantizer config key 'axis_name' is set by the quantizer's owner"):
     VQVAE(quantizer=dict(family='fsq', levels=(4, 4), axis_name='data'))
 
 

@@ -10,9 +10,10 @@ steps with batch-size 128." This config follows that: `num_hiddens = num_residua
 does not state the code dimension D; it keeps the seed's 64. Where this config departs from
 the paper: the codebook uses the recommended remedies for collapse (`vqvae_jax.RECOMMENDED`:
 EMA, zero-debiased, k-means init, dead-code restart) as every config here does; the paper's
-plain VQ is `--config.model.quantizer.family=vq --config.model.quantizer.vq.codebook_init=seed
---config.model.quantizer.vq.dead_code_threshold=0.0`. The convolutions run in bfloat16; the quantizer and
-the losses stay float32.
+plain VQ is `--config.model.quantizer.family=vq
+--config.model.quantizer.vq.codebook_init=seed
+--config.model.quantizer.vq.dead_code_threshold=0.0`. The convolutions run in bfloat16; the
+quantizer and the losses stay float32.
 
 Data: `imagenet2012` from tfds, prepared beforehand (tfds needs ImageNet's tar files placed
 by hand: https://www.tensorflow.org/datasets/catalog/imagenet2012), or a folder in ImageNet's

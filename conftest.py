@@ -57,3 +57,10 @@ def normal(shape, seed=0, scale=1.0):
   """float32 normal samples of `shape`, scaled, from `jax.random.key(seed)`."""
   import jax  # pylint: disable=g-import-not-at-top
   return jax.random.normal(jax.random.key(seed), shape) * scale
+
+
+def read_metrics(workdir):
+  """The lines of a training run's `metrics.jsonl`, as dicts."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]

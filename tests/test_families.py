@@ -1,5 +1,6 @@
 """Every quantizer family inside `VQVAE` and through the training program, at equal bits."""
 
+import json
 import math
 import os
 
@@ -9,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import read_metrics
 from train import cli, evaluate, trainer
 from train.checkpoints import load_model
 from train.configs import quantizer_families, quickstart
 from train.errors import UserError
 from train.step import model_from_config
-from vqvae_jax import VQVAE
+from vqvae_jax import VQVAE, quantizer_api
 from vqvae_jax.fsq import FSQ
 from vqvae_jax.lfq import LFQ
 from vqvae_jax.quantizers import VectorQuantizer, VectorQuantizerEMA
@@ -23,14 +25,23 @@ from vqvae_jax.residual import ResidualVQ
 SMALL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=4)
 # Small models of each family, all at 4 bits per code (per position for residual VQ).
 FAMILY_MODELS = {
-    'vq': (dict(quantizer='vq', num_embeddings=16, embedding_dim=4), VectorQuantizer),
-    'ema': (dict(quantizer='ema', decay=0.9, num_embeddings=16, embedding_dim=4),
+    'vq': (dict(family='vq', num_embeddings=16, embedding_dim=4), VectorQuantizer),
+    'ema': (dict(family='ema', decay=0.9, num_embeddings=16, embedding_dim=4),
             VectorQuantizerEMA),
-    'fsq': (dict(quantizer='fsq', fsq_levels=(4, 4), embedding_dim=2), FSQ),
-    'lfq': (dict(quantizer='lfq', embedding_dim=4), LFQ),
-    'rvq': (dict(quantizer='rvq', num_quantizers=2, num_embeddings=4, embedding_dim=4),
+    'fsq': (dict(family='fsq', levels=(4, 4)), FSQ),
+    'lfq': (dict(family='lfq', embedding_dim=4), LFQ),
+    'rvq': (dict(family='rvq', num_quantizers=2, num_embeddings=4, embedding_dim=4),
             ResidualVQ),
 }
+RUN_BEFORE_QUANTIZER_CONFIG = os.path.join(os.path.dirname(__file__), 'data',
+                                           'run_before_quantizer_config.json')
+
+
+def same_model(a, b):
+  """The same architecture and the same quantizer module (a field left at its default equals
+  it given)."""
+  quantizer = lambda model: quantizer_api.build(model.quantizer_config, parent=None)
+  return a.clone(quantizer=None) == b.clone(quantizer=None) and quantizer(a) == quantizer(b)
 
 
 def images(batch=4, size=16, seed=0):
@@ -40,7 +51,7 @@ def images(batch=4, size=16, seed=0):
 @pytest.mark.parametrize('family', sorted(FAMILY_MODELS))
 def test_vqvae_builds_each_family_and_round_trips_its_codes(family):
   fields, quantizer_class = FAMILY_MODELS[family]
-  model = VQVAE(**SMALL, **fields)
+  model = VQVAE(**SMALL, quantizer=fields)
   assert model.quantizer_family == family
   assert model.codebook_size == (4 if family == 'rvq' else 16)
   x = images()
@@ -66,23 +77,55 @@ def test_vqvae_builds_each_family_and_round_trips_its_codes(family):
 def test_the_seed_rule_still_picks_the_quantizer():
   assert VQVAE(**SMALL, decay=0.0).quantizer_family == 'vq'
   assert VQVAE(**SMALL, decay=0.99).quantizer_family == 'ema'
-  assert VQVAE(**SMALL, decay=0.99, quantizer='vq').quantizer_family == 'vq'
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(quantizer='pq'), r"quantizer must be one of .*'fsq'.* got 'pq'"),
-    (dict(quantizer='ema', decay=0.0), r"quantizer='ema' needs decay in \(0, 1\), got 0.0"),
-    (dict(quantizer='fsq', fsq_levels=(8, 8, 8), embedding_dim=64),
-     r'embedding_dim must be len\(fsq_levels\)=3 .* got embedding_dim=64'),
-    (dict(quantizer='fsq', fsq_levels=(8, 8), embedding_dim=2, codebook_init='kmeans'),
-     r"quantizer='fsq' has no codebook to remedy: codebook_init must stay 'seed', got 'kmeans'"),
-    (dict(quantizer='lfq', embedding_dim=4, dead_code_threshold=0.25),
-     r'dead_code_threshold must stay 0.0, got 0.25'),
-    (dict(quantizer='rvq', num_quantizers=0), r'num_quantizers'),
-])
-def test_bad_family_fields_fail_at_construction(kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    VQVAE(**SMALL, **kwargs)
+@pytest.mark.parametrize('family', sorted(FAMILY_MODELS))
+def test_the_family_is_one_command_line_key(family):
+  """`--config.model.quantizer.family=NAME` alone switches the family: the model gets that
+  family's own section of `config.model.quantizer`."""
+  config = cli._load_config('train/configs/quickstart.py')
+  config.model.quantizer.family = family
+  model = model_from_config(config.model, image_channels=3)
+  assert model.quantizer_family == family
+  assert model.quantizer_config == dict(family=family, **config.model.quantizer[family])
+  assert model.codebook_size == {'vq': 512, 'ema': 512, 'fsq': 512, 'lfq': 512, 'rvq': 8}[family]
+
+
+def test_a_run_json_from_before_the_quantizer_config_loads_and_resumes(tmp_path):
+  """A workdir written when the quantizer's fields sat beside the architecture in
+  `config.model` (tests/data/run_before_quantizer_config.json, the quickstart at 9af913e):
+  its model section reads as today's, the same model, and today's config resumes it."""
+  with open(RUN_BEFORE_QUANTIZER_CONFIG) as f:
+    stored = json.load(f)
+  assert stored['config']['model']['quantizer'] is None  # the older layout
+  old_model = model_from_config(stored['config']['model'], image_channels=3)
+  config = quickstart.get_config()
+  assert same_model(old_model, model_from_config(config.model, image_channels=3))
+  assert old_model.quantizer_config['dead_code_threshold'] == 0.25
+  # Resume: a checkpoint written under the old run.json, then today's config in that workdir.
+  config.model.update(SMALL)
+  config.update(batch_size=8, eval_batch_size=64, num_train_steps=2, steps_per_dispatch=2,
+                log_every_steps=2, eval_every_steps=0, checkpoint_every_steps=2,
+                num_reconstructions=0)
+  workdir = str(tmp_path)
+  trainer.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'run.json')) as f:
+    written = json.load(f)
+  written['config']['model'] = {**stored['config']['model'], **SMALL}  # the older layout
+  with open(os.path.join(workdir, 'run.json'), 'w') as f:
+    json.dump(written, f)
+  model, variables = load_model(workdir)
+  assert same_model(model, model_from_config(config.model, image_channels=3))
+  config.num_train_steps = 4
+  trainer.train_and_evaluate(config, workdir)  # resumes from step 2
+  assert read_metrics(workdir)[-1]['step'] == 4
+  with open(os.path.join(workdir, 'run.json')) as f:
+    assert json.load(f)['config']['model']['quantizer']['family'] == 'ema'  # today's layout
+  mismatch = quickstart.get_config()
+  mismatch.model.update(SMALL)
+  mismatch.model.quantizer.ema.num_embeddings = 64
+  with pytest.raises(UserError, match=r'config.model.quantizer.ema.num_embeddings=512.*=64'):
+    trainer.train_and_evaluate(mismatch, workdir)
 
 
 @pytest.mark.parametrize('bits', sorted(quantizer_families.FAMILIES))
@@ -105,7 +148,7 @@ def test_unknown_family_in_the_config_path_is_one_line(capsys):
 
 
 def test_evaluator_counts_each_stage_and_the_quantization_error():
-  model = VQVAE(**SMALL, **FAMILY_MODELS['rvq'][0])
+  model = VQVAE(**SMALL, quantizer=FAMILY_MODELS['rvq'][0])
   x_uint8 = np.asarray(jax.random.randint(jax.random.key(0), (6, 16, 16, 3), 0, 256),
                        np.uint8)
   variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
@@ -128,7 +171,8 @@ def test_evaluator_counts_each_stage_and_the_quantization_error():
 
 def test_quickstart_trains_residual_vq_and_the_prior_refuses_it(tmp_path):
   config = quickstart.get_config('rvq')
-  config.model.update(SMALL, num_embeddings=4, embedding_dim=4)
+  config.model.update(SMALL)
+  config.model.quantizer.rvq.update(num_embeddings=4, embedding_dim=4)
   config.update(batch_size=8, eval_batch_size=64, num_train_steps=2, steps_per_dispatch=2,
                 log_every_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
                 num_reconstructions=2)
@@ -139,7 +183,7 @@ def test_quickstart_trains_residual_vq_and_the_prior_refuses_it(tmp_path):
                                         metrics['eval_codes_used_stage1'] +
                                         metrics['eval_codes_used_stage2'])
   model, _ = load_model(workdir)
-  assert model.quantizer_family == 'rvq' and model.num_quantizers == 3
+  assert model.quantizer_family == 'rvq' and model.codes_per_position == 3
   assert os.path.getsize(os.path.join(workdir, 'code_usage.png')) > 0
   from train import prior_training  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError, match=r"quantizer='rvq', 3 codes per grid position"):

@@ -159,7 +159,8 @@ def test_unreadable_files_are_skipped_named_and_never_stop_a_run(tmp_path):
                    '--config.batch_size=32', '--config.num_train_steps=4',
                    '--config.eval_every_steps=4', '--config.log_every_steps=2',
                    '--config.model.num_hiddens=16', '--config.model.num_residual_hiddens=4',
-                   '--config.model.num_embeddings=16', '--config.model.embedding_dim=4')
+                   '--config.model.quantizer.ema.num_embeddings=16',
+                   '--config.model.quantizer.ema.embedding_dim=4')
   assert result.returncode == 0, result.stderr
   warnings = [line for line in result.stdout.splitlines() if line.startswith('warning:')]
   assert len(warnings) == 1, result.stdout

@@ -1,9 +1,6 @@
 """LFQ (MAGVIT-v2 lookup-free quantization): codes and indices, gradients by hand, the entropies
-against brute force over every code, float32 statistics for bfloat16 inputs, jit, 8 devices, bad
-input.
-
-conftest.py gives the process 8 CPU devices for the multi-device tests.
-"""
+against brute force over every code and at extreme scales in bfloat16, the entropy groups.
+Shapes, dtypes, jit, devices and bad input: test_quantizer_contract.py."""
 
 import functools
 import math
@@ -13,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import normal
 from vqvae_jax import LFQ
@@ -59,19 +55,11 @@ def commitment(z, beta):
 
 # ---- Forward: codes, indices, counts ----
 
-def test_shapes_dtypes_and_counts():
+def test_counts_and_perplexity_by_hand():
   lfq = LFQ(5)
   x = normal((2, 3, 4, 5))
   out = apply(lfq, x)
   assert lfq.codebook_size == 32
-  chex.assert_shape(out.quantized, (2, 3, 4, 5))
-  chex.assert_type(out.quantized, jnp.float32)
-  chex.assert_shape([out.loss, out.perplexity], ())
-  chex.assert_type([out.loss, out.perplexity, out.code_counts], jnp.float32)
-  chex.assert_shape(out.indices, (2, 3, 4))
-  chex.assert_type(out.indices, jnp.int32)
-  chex.assert_shape(out.code_counts, (32,))
-  assert out.encodings is None and out.distances is None
   indices = np.asarray(out.indices).reshape(-1)
   np.testing.assert_array_equal(out.code_counts, np.bincount(indices, minlength=32))
   np.testing.assert_allclose(out.perplexity, perplexity_from_counts(out.code_counts))
@@ -128,16 +116,6 @@ def test_wide_indices_and_narrow_code_dtypes():
 
 
 # ---- Gradients by hand ----
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_straight_through_gradient_is_the_identity(dtype):
-  lfq = LFQ(4)
-  z = normal((8, 4)).astype(dtype)
-  g = normal((8, 4), seed=1).astype(dtype)
-  grad = jax.jit(jax.grad(lambda z: jnp.sum(g * lfq.apply({}, z).quantized)))(z)
-  chex.assert_type(grad, dtype)
-  np.testing.assert_array_equal(grad, g)
-
 
 def test_commitment_value_and_gradient_by_hand():
   z = normal((8, 3, 4))
@@ -265,8 +243,8 @@ def test_entropy_signs_and_bounds(d, groups):
 
 # ---- Precision ----
 
-@pytest.mark.parametrize('scale', [1e-30, 1e-4, 1.0, 1e4, 1e15])
-def test_bfloat16_inputs_give_float32_statistics(scale):
+@pytest.mark.parametrize('scale', [1e-30, 1.0, 1e15])
+def test_bfloat16_entropies_at_extreme_scales(scale):
   lfq = LFQ(9, entropy_groups=3)
   x = normal((4, 6, 6, 9), scale=scale).astype(jnp.bfloat16)
   out = apply(lfq, x)
@@ -303,70 +281,7 @@ def test_infinite_logits_give_finite_entropies():
   assert float(per_sample) == 0.0 and float(batch) == 0.0
 
 
-# ---- jit and devices ----
-
-def test_jit_equals_eager():
-  lfq = LFQ(6, entropy_temperature=0.2, entropy_groups=2)
-  x = normal((5, 7, 6), scale=0.4)
-  chex.assert_trees_all_close(jax.jit(lambda x: lfq.apply({}, x))(x), lfq.apply({}, x),
-                              rtol=1e-6, atol=1e-7)
-
-
-def stats(module, x):
-  out = module.apply({}, x)
-  grad = jax.grad(lambda x: module.apply({}, x).loss)(x)
-  return out.loss, out.perplexity, out.code_counts, grad
-
-
-@pytest.mark.parametrize('groups', [None, 2])
-def test_sharded_jit_equals_one_device(mesh, groups):
-  lfq = LFQ(4, entropy_temperature=0.5, entropy_groups=groups)
-  x = normal((64, 4))
-  single = jax.jit(lambda x: stats(lfq, x))(x)
-  replicated = NamedSharding(mesh, P())
-  sharded = jax.jit(lambda x: stats(lfq, x),
-                    out_shardings=(replicated,) * 3 + (NamedSharding(mesh, P('data')),))(
-                        jax.device_put(x, NamedSharding(mesh, P('data'))))
-  assert len(sharded[3].sharding.device_set) == 8
-  chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-7)
-  assert float(sharded[2].sum()) == 64
-
-
-@pytest.mark.parametrize('groups', [None, 2])
-def test_shard_map_with_axis_name_equals_one_device(mesh, groups):
-  """Counts and the batch-mean distribution are global with axis_name; the local loss pmean'd
-  over the axis is the single-device loss, and so is its gradient."""
-  kwargs = dict(embedding_dim=4, entropy_temperature=0.5, entropy_groups=groups)
-  reference, per_device = LFQ(**kwargs), LFQ(**kwargs, axis_name='data')
-  x = normal((64, 4), scale=0.7)
-  single = jax.jit(lambda x: stats(reference, x))(x)
-
-  def global_loss(module, x):
-    return jax.lax.pmean(module.apply({}, x).loss, 'data')
-
-  def on_devices(module):
-    def per_shard(x):
-      out = module.apply({}, x)
-      return (global_loss(module, x), out.perplexity, out.code_counts,
-              module.apply({}, x, method=LFQ.entropy_terms)[1])
-    return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P('data'),
-                                 out_specs=(P(), P(), P(), P())))
-
-  loss, perplexity, counts, batch = on_devices(per_device)(x)
-  chex.assert_trees_all_close((loss, perplexity, counts), single[:3], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(batch, apply(reference, x, LFQ.entropy_terms)[1],
-                             rtol=1e-5)
-  grad = jax.jit(jax.grad(jax.shard_map(lambda x: global_loss(per_device, x), mesh=mesh,
-                                        in_specs=P('data'), out_specs=P())))(x)
-  np.testing.assert_allclose(grad, single[3], rtol=1e-4, atol=1e-7)
-  # Without axis_name each device's batch entropy is that of its own 8 vectors.
-  local = jax.jit(jax.shard_map(
-      lambda x: reference.apply({}, x, method=LFQ.entropy_terms)[1][None], mesh=mesh,
-      in_specs=P('data'), out_specs=P('data')))(x)
-  assert np.abs(np.asarray(local) - float(batch)).min() > 1e-3
-
-
-# ---- Bad input ----
+# ---- Entropy groups ----
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(embedding_dim=20), r'embedding_dim=20 > 16 .* set entropy_groups .* e\.g\. 2'),
@@ -376,18 +291,8 @@ def test_shard_map_with_axis_name_equals_one_device(mesh, groups):
     (dict(embedding_dim=8, entropy_groups=0), r'entropy_groups .* got 0'),
     (dict(embedding_dim=8, entropy_groups=2.0), r'entropy_groups .* got 2\.0'),
     (dict(embedding_dim=8, entropy_groups=True), r'entropy_groups .* got True'),
-    (dict(embedding_dim=0), r'embedding_dim must be an integer in \[1, 30\].*got 0'),
-    (dict(embedding_dim=31, entropy_groups=31), r'embedding_dim must be .* got 31'),
-    (dict(embedding_dim=4.0), r'embedding_dim must be .* got 4\.0'),
-    (dict(embedding_dim=8, commitment_cost=-0.1), r'commitment_cost must be >= 0.* got -0\.1'),
-    (dict(embedding_dim=8, entropy_weight=-1), r'entropy_weight must be >= 0.* got -1'),
-    (dict(embedding_dim=8, entropy_weight=float('nan')), r'entropy_weight .* got nan'),
-    (dict(embedding_dim=8, diversity_weight=-2.0), r'diversity_weight must be >= 0.* got -2'),
-    (dict(embedding_dim=8, entropy_temperature=0.0), r'entropy_temperature must be > 0.* got 0'),
-    (dict(embedding_dim=8, entropy_temperature=-1.0), r'entropy_temperature .* got -1'),
-    (dict(embedding_dim=8, entropy_temperature=float('inf')), r'entropy_temperature .* inf'),
 ])
-def test_bad_fields(kwargs, match):
+def test_bad_entropy_groups(kwargs, match):
   with pytest.raises(ValueError, match=match):
     LFQ(**kwargs)
 
@@ -397,24 +302,3 @@ def test_accepted_limits():
   assert LFQ(20, entropy_groups=2).codebook_size == 2**20
   assert LFQ(20, entropy_weight=0.0).codebook_size == 2**20  # no entropy, nothing to hold
   assert LFQ(30, entropy_groups=2).codebook_size == 2**30
-
-
-def test_bad_inputs_and_codes():
-  lfq = LFQ(4)
-  with pytest.raises(ValueError, match=r'\[\.\.\., 4\] \(embedding_dim\), got shape \(2, 3\)'):
-    lfq.apply({}, jnp.zeros((2, 3)))
-  with pytest.raises(ValueError, match=r'got shape \(\)'):
-    lfq.apply({}, jnp.zeros(()))
-  with pytest.raises(TypeError, match='floating-point inputs, got int32'):
-    lfq.apply({}, jnp.zeros((2, 4), jnp.int32))
-  with pytest.raises(ValueError, match=r'LFQ\.embed: got code 16 .* \[0, 16\)'):
-    lfq.apply({}, jnp.array([3, 16]), method=LFQ.embed)
-  with pytest.raises(ValueError, match=r'got code -1'):
-    lfq.apply({}, np.array([-1, 2]), method=LFQ.embed)
-  with pytest.raises(TypeError, match='integers'):
-    lfq.apply({}, jnp.array([1.0]), method=LFQ.embed)
-  # Traced codes cannot be checked: an out-of-range one gives NaN, never a valid code.
-  traced = np.asarray(jax.jit(lambda i: lfq.apply({}, i, method=LFQ.embed))(
-      jnp.array([5, 16, -1, 2**31 - 1])))
-  np.testing.assert_array_equal(traced[0], all_codes(4)[5])
-  assert np.isnan(traced[1:]).all()

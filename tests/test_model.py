@@ -13,6 +13,7 @@ from vqvae_jax.layers import Conv, ConvTranspose4x4s2, ResidualStack, conv_trans
 
 SMALL = dict(num_hiddens=16, num_residual_layers=2, num_residual_hiddens=8, num_embeddings=32,
              embedding_dim=8)
+ARCHITECTURE = ('num_hiddens', 'num_residual_layers', 'num_residual_hiddens')
 
 
 def images(batch=2, size=16, channels=3, seed=0):
@@ -142,17 +143,24 @@ def test_grayscale_images():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(decay=1.0), r'decay must be in \[0, 1\).*got 1.0'),
-    (dict(num_hiddens=0), 'num_hiddens must be a positive integer, got 0'),
+    (dict(decay=1.0), r'decay \(0 selects the plain quantizer\) must be a number in \[0, 1\), got '
+                      r'1.0'),
+    (dict(num_hiddens=0), 'num_hiddens must be an integer >= 1, got 0'),
     (dict(residual_skip='sum'), "residual_skip must be one of \\('relu', 'identity'\\), got 'sum'"),
     (dict(num_embeddings=0), 'num_embeddings must be an integer >= 1, got 0'),
-    (dict(decay=0.99, epsilon=-1.0), 'epsilon must be >= 0, got -1.0'),
-    (dict(codebook_init='zeros'), "codebook_init must be one of \\('seed', 'kmeans'\\)"),
+    (dict(quantizer=dict(family='ema', num_embeddings=8, embedding_dim=4, epsilon=-1.0)),
+     'epsilon must be a number >= 0, got -1.0'),
+    (dict(quantizer='fsq'), "quantizer must be None \\(the seed's\\) or a mapping"),
+    (dict(quantizer=dict(family='vq', num_embeddings=8, embedding_dim=4, codebook_init='zeros')),
+     "codebook_init must be one of \\('seed', 'kmeans'\\)"),
 ])
 def test_bad_model_arguments_fail_at_construction(kwargs, match):
   # At construction, not at the first init: the submodules' checks run on detached copies.
   with pytest.raises(ValueError, match=match):
-    VQVAE(**{**SMALL, **kwargs})
+    fields = {**SMALL, **kwargs}
+    if 'quantizer' in kwargs:  # the seed's quantizer fields keep their defaults
+      fields = {k: v for k, v in fields.items() if k in ARCHITECTURE or k == 'quantizer'}
+    VQVAE(**fields)
 
 
 @pytest.mark.parametrize('decay', [0.0, 0.99])
@@ -277,20 +285,40 @@ def test_bfloat16_layers_sum_their_bias_gradient_in_float32(layer):
   np.testing.assert_allclose(grads['bias'], exact, rtol=1e-5)
 
 
-def test_every_codebook_option_reaches_the_quantizer():
-  """`VQVAE` declares the quantizers' codebook options and passes each one on, by name."""
-  from vqvae_jax.quantizers import CODEBOOK_OPTIONS, VectorQuantizer, VectorQuantizerEMA  # pylint: disable=g-import-not-at-top
-  from vqvae_jax.residual import ResidualVQ  # pylint: disable=g-import-not-at-top
-  for module in (VQVAE, VectorQuantizer, VectorQuantizerEMA, ResidualVQ):
-    assert set(CODEBOOK_OPTIONS) <= set(module.__dataclass_fields__), module.__name__
+def test_the_quantizer_config_reaches_the_quantizer():
+  """`VQVAE(quantizer=...)` builds that family with every field it names; the seed's fields
+  build the seed's quantizer when it is None, and must keep their defaults otherwise."""
   options = dict(codebook_init='kmeans', kmeans_iters=3, dead_code_threshold=0.5,
                  usage_decay=0.9, track_usage=True, cosine_codes=True, codebook_dim=4,
                  entropy_weight=0.1, entropy_temperature=2.0, rotation_trick=True)
-  assert set(options) == set(CODEBOOK_OPTIONS)
-  for decay in (0.0, 0.99):
-    model = VQVAE(**SMALL, decay=decay, **options)
+  configs = [dict(family='vq', num_embeddings=8, embedding_dim=6, **options),
+             dict(family='ema', num_embeddings=8, embedding_dim=6, decay=0.9, zero_debias=True,
+                  **options),
+             dict(family='fsq', levels=[4, 3, 3]),  # a list, as JSON gives it
+             dict(family='lfq', embedding_dim=5, entropy_weight=0.3, entropy_groups=5),
+             dict(family='rvq', num_quantizers=3, num_embeddings=8, embedding_dim=6,
+                  quantizer_dropout=0.5, **options)]
+  for config in configs:
+    model = VQVAE(**{k: SMALL[k] for k in ARCHITECTURE}, quantizer=config)
+    assert hash(model) == hash(model.clone())
     vq = model.bind(model.init(jax.random.key(0), images(), train=False)).vq
-    assert {name: getattr(vq, name) for name in CODEBOOK_OPTIONS} == options
+    fields = {k: v for k, v in config.items() if k != 'family'}
+    assert {name: getattr(vq, name) for name in fields} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, config
+    assert type(vq).__name__ == {'vq': 'VectorQuantizer', 'ema': 'VectorQuantizerEMA',
+                                 'fsq': 'FSQ', 'lfq': 'LFQ', 'rvq': 'ResidualVQ'}[config['family']]
+    assert model.codebook_size == vq.codebook_size
+    assert model.codes_per_position == vq.codes_per_position
+  seed = VQVAE(**SMALL, decay=0.99)
+  assert seed.quantizer_config == dict(family='ema', num_embeddings=SMALL['num_embeddings'],
+                                       embedding_dim=SMALL['embedding_dim'],
+                                       commitment_cost=0.25, decay=0.99)
+  with pytest.raises(ValueError, match=r"num_embeddings=32 sets the seed's quantizer; with "
+                                       r"quantizer=\{'family': 'fsq'"):
+    VQVAE(**SMALL, quantizer=dict(family='fsq', levels=(4, 4)))
+  with pytest.raises(ValueError,
+                     match="quantizer config key 'axis_name' is set by the quantizer's owner"):
+    VQVAE(quantizer=dict(family='fsq', levels=(4, 4), axis_name='data'))
 
 
 @pytest.mark.parametrize('decay', [0.0, 0.99])

@@ -1,4 +1,6 @@
-"""The quantizer's statistics cover the global batch on 8 devices (forced CPU devices).
+"""The whole VQ-VAE on 8 devices (forced CPU devices): the quantizer's statistics cover the global
+batch, and XLA:CPU's blocks keep it sharded. Each quantizer alone under jit and shard_map:
+test_quantizer_contract.py.
 
 conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8."""
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vqvae_jax import VQVAE, VectorQuantizerEMA
+from vqvae_jax import VQVAE
 
 SMALL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=8, num_embeddings=32,
              embedding_dim=8, decay=0.9)
@@ -34,34 +36,6 @@ def test_jit_over_a_sharded_batch_equals_one_device(mesh):
   assert len(sharded[0].sharding.device_set) == 8
   chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sharded[2].sum(), 16 * 4 * 4)  # global counts
-
-
-def test_shard_map_with_axis_name_equals_one_device(mesh):
-  """Each device sees 1/8 of the batch; `axis_name` psums counts and EMA sums."""
-  quantizer = VectorQuantizerEMA(32, 8, decay=0.9, axis_name='data')
-  reference = VectorQuantizerEMA(32, 8, decay=0.9)
-  x = jax.random.normal(jax.random.key(0), (64, 8))
-  variables = reference.init(jax.random.key(1), x)
-  # A warm state, so that many codes are in use.
-  variables = {'batch_stats': {**variables['batch_stats'],
-                               'embedding': x[:32], 'ema_w': x[:32] * 2,
-                               'ema_cluster_size': jnp.full((32,), 2.0)}}
-
-  def call(module, variables, x):
-    out, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
-    return out.perplexity, out.code_counts, updates['batch_stats']
-
-  single = call(reference, variables, x)
-  per_device = jax.jit(jax.shard_map(
-      lambda v, x: call(quantizer, v, x), mesh=mesh, in_specs=(P(), P('data')),
-      out_specs=(P(), P(), P())))(variables, x)
-  assert float(single[0]) > 10
-  chex.assert_trees_all_close(per_device, single, rtol=1e-5, atol=1e-6)
-  # Without axis_name each device would see only its own 8 vectors.
-  local = jax.jit(jax.shard_map(
-      lambda v, x: call(reference, v, x)[1], mesh=mesh, in_specs=(P(), P('data')),
-      out_specs=P('data')))(variables, x)
-  assert local.shape == (8 * 32,) and float(local[:32].sum()) == 8
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU property')

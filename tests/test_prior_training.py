@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from conftest import XLA_FLAGS_FOR_DEVICES
+from conftest import XLA_FLAGS_FOR_DEVICES, read_metrics
 from train import data, loop, prior_step, prior_training, trainer
 from train.checkpoints import load_model, load_prior, read_run_info
 from train.configs import prior_quickstart
@@ -53,11 +53,6 @@ def prior_workdir(vqvae_workdir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('prior'))
   prior_training.train_and_evaluate(tiny_prior_config(vqvae_workdir), workdir)
   return workdir
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_quickstart_labels_name_the_photo_of_each_crop():

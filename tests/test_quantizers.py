@@ -1,4 +1,5 @@
-"""Quantizer behaviour: straight-through gradients, EMA equations, modes, shapes, dtypes."""
+"""The VQ families' own maths: the nearest code, the seed's straight-through gradients, the EMA
+equations and modes. Shapes, dtypes, jit, devices and bad input: test_quantizer_contract.py."""
 
 import chex
 import jax
@@ -7,30 +8,13 @@ import numpy as np
 import pytest
 
 from vqvae_jax import VectorQuantizer, VectorQuantizerEMA
-from vqvae_jax.quantizers import nearest_code, squared_distances
+from vqvae_jax.codebook import nearest_code, squared_distances
 
 K, D = 16, 4
 
 
 def inputs(shape=(2, 3, 5, D), seed=0):
   return jax.random.normal(jax.random.key(seed), shape)
-
-
-@pytest.mark.parametrize('quantizer', [VectorQuantizer(K, D), VectorQuantizerEMA(K, D)])
-@pytest.mark.parametrize('shape', [(7, D), (2, 3, 5, D), (1, 2, 2, 2, D)])
-def test_shapes_and_dtypes(quantizer, shape):
-  x = inputs(shape)
-  variables = quantizer.init(jax.random.key(1), x)
-  out = quantizer.apply(variables, x)
-  chex.assert_shape(out.quantized, shape)
-  chex.assert_shape(out.indices, shape[:-1])
-  chex.assert_shape(out.code_counts, (K,))
-  chex.assert_rank([out.loss, out.perplexity], 0)
-  chex.assert_type([out.quantized, out.loss, out.perplexity, out.code_counts],
-                   jnp.float32)
-  chex.assert_type(out.indices, jnp.int32)
-  assert out.encodings is None and out.distances is None  # N x K only on request
-  np.testing.assert_allclose(out.code_counts.sum(), np.prod(shape[:-1]))
 
 
 def test_nearest_code_is_l2_argmin_and_quantized_is_that_code():
@@ -170,88 +154,3 @@ def test_train_without_mutable_batch_stats_is_a_clear_error():
   variables = quantizer.init(jax.random.key(1), x)
   with pytest.raises(ValueError, match="mutable=\\['batch_stats'\\]"):
     quantizer.apply(variables, x, train=True)
-
-
-@pytest.mark.parametrize('quantizer', [VectorQuantizer(K, D), VectorQuantizerEMA(K, D)])
-def test_jit_vmap_grad(quantizer):
-  x = inputs((4, 6, D))
-  variables = quantizer.init(jax.random.key(1), x[0])
-  eager = quantizer.apply(variables, x[0])
-  jitted = jax.jit(quantizer.apply)(variables, x[0])
-  chex.assert_trees_all_close(jitted, eager)
-  batched = jax.vmap(quantizer.apply, in_axes=(None, 0))(variables, x)
-  for i in range(4):
-    np.testing.assert_array_equal(batched.indices[i], quantizer.apply(variables, x[i]).indices)
-  grad = jax.grad(lambda x: quantizer.apply(variables, x).loss)(x[0])
-  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-
-
-@pytest.mark.parametrize('quantizer', [VectorQuantizer(K, D), VectorQuantizerEMA(K, D)])
-def test_bfloat16_inputs_keep_float32_statistics(quantizer):
-  x = inputs()
-  variables = quantizer.init(jax.random.key(1), x)
-  out32 = quantizer.apply(variables, x)
-  out16 = quantizer.apply(variables, x.astype(jnp.bfloat16))
-  assert out16.quantized.dtype == jnp.bfloat16
-  chex.assert_type([out16.loss, out16.perplexity, out16.code_counts], jnp.float32)
-  # Same codes as float32 distances on the bf16-rounded inputs.
-  ref = quantizer.apply(variables, x.astype(jnp.bfloat16).astype(jnp.float32))
-  np.testing.assert_array_equal(out16.indices, ref.indices)
-  np.testing.assert_allclose(out16.loss, ref.loss, rtol=1e-6)
-  assert out32.loss.dtype == jnp.float32
-
-
-def test_embed_returns_codes():
-  quantizer = VectorQuantizer(K, D)
-  x = inputs()
-  variables = quantizer.init(jax.random.key(1), x)
-  out = quantizer.apply(variables, x)
-  codes = quantizer.apply(variables, out.indices, method=VectorQuantizer.embed)
-  np.testing.assert_allclose(codes, out.quantized, atol=1e-6)
-
-
-@pytest.mark.parametrize('make,match', [
-    (lambda: VectorQuantizer(0, D), 'num_embeddings must be an integer >= 1, got 0'),
-    (lambda: VectorQuantizerEMA(-3, D), 'num_embeddings must be an integer >= 1, got -3'),
-    (lambda: VectorQuantizer(K, 0), 'embedding_dim must be an integer >= 1, got 0'),
-    (lambda: VectorQuantizerEMA(K, D, decay=1.0), r'decay must be in \[0, 1\), got 1.0'),
-    (lambda: VectorQuantizerEMA(K, D, decay=-0.1), r'decay must be in \[0, 1\), got -0.1'),
-    (lambda: VectorQuantizer(K, D, commitment_cost=-1.0), 'commitment_cost must be >= 0'),
-])
-def test_bad_arguments_name_the_value(make, match):
-  with pytest.raises(ValueError, match=match):
-    make()
-
-
-@pytest.mark.parametrize('quantizer', [VectorQuantizer(K, D), VectorQuantizerEMA(K, D)])
-def test_wrong_last_dimension_names_the_shape(quantizer):
-  with pytest.raises(ValueError, match=r'\[\.\.\., 4\].*got shape \(2, 3, 5\)'):
-    quantizer.init(jax.random.key(0), jnp.zeros((2, 3, 5)))
-
-
-@pytest.mark.parametrize('quantizer', [VectorQuantizer(K, D), VectorQuantizerEMA(K, D),
-                                       VectorQuantizer(K, D, codebook_dim=3, cosine_codes=True)])
-def test_embed_out_of_range_codes(quantizer):
-  """Concrete codes outside [0, K): a ValueError naming the code and the range. Traced ones:
-  NaN rows exactly there (a clamp, or take's wrap of -1 to K - 1, would give a valid code);
-  the in-range rows are the codebook's, eager or jitted."""
-  variables = quantizer.init(jax.random.key(1), inputs())
-  embed = lambda indices: quantizer.apply(variables, indices, method=type(quantizer).embed)
-  name = type(quantizer).__name__
-  for bad in (K, 600, -1):
-    with pytest.raises(ValueError, match=rf'{name}.embed: got code {bad} \(1 of 3 codes are '
-                                         rf'out of range\); codes must be in \[0, {K}\)'):
-      embed(np.array([0, bad, 3]))
-  with pytest.raises(TypeError, match=rf'codes must be integers in \[0, {K}\), got dtype float32'):
-    embed(jnp.array([0.0, 1.0]))
-  indices = jnp.array([[0, K, 3], [-1, K - 1, 600]], jnp.int32)
-  got = jax.jit(embed)(indices)
-  chex.assert_shape(got, (2, 3, D))
-  chex.assert_type(got, jnp.float32)
-  out_of_range = np.array([[False, True, False], [True, False, True]])
-  assert np.isnan(got[out_of_range]).all()
-  valid = np.array([0, 3, K - 1])
-  expected = embed(valid)
-  assert np.isfinite(expected).all()
-  np.testing.assert_array_equal(got[~out_of_range], expected)
-  np.testing.assert_array_equal(jax.jit(embed)(valid), expected)

@@ -1,9 +1,7 @@
 """The rotation trick (Fifty et al. 2024) on both VQ quantizers: forward values the codes exactly
 with everything else as the default estimator gives it, gradients against a dense rotation built
 by hand per row (through codebook_dim projections and the cosine normalisation too), degenerate
-rows, float32 range, jit, bfloat16, 8 devices, bad input.
-
-conftest.py gives the process 8 CPU devices for the multi-device tests.
+rows, float32 range. Shapes, dtypes, jit, devices and bad input: test_quantizer_contract.py.
 """
 
 import functools
@@ -13,12 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import normal
 from vqvae_jax import VectorQuantizer, VectorQuantizerEMA
-from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, ROTATION_ANTIPODAL_TOLERANCE,
-                                  rotation_trick)
+from vqvae_jax.quantizers import ROTATION_ANTIPODAL_TOLERANCE, rotation_trick
 
 K, D = 16, 6
 QUANTIZERS = [VectorQuantizer, VectorQuantizerEMA]
@@ -264,90 +260,3 @@ def test_degenerate_rows_inside_the_quantizer():
   np.testing.assert_array_equal(grad[:2], g[:2])
   dense, scale = rotation(x[2], codebook[2])
   np.testing.assert_allclose(grad[2], scale * dense.T @ g[2], rtol=1e-5)
-
-
-# ---- jit, bfloat16 ----
-
-@pytest.mark.parametrize('cls', QUANTIZERS)
-def test_jit_equals_eager(cls):
-  x = normal((4, 5, D))
-  g = normal((4, 5, D), seed=1)
-  module = make(cls, True)
-  variables = init(cls, x)
-  eager = module.apply(variables, x)
-  jitted = call(module, variables, x)
-  chex.assert_trees_all_close(jitted, eager, rtol=1e-6, atol=1e-7)
-  np.testing.assert_array_equal(jitted.quantized, eager.quantized)  # the codes, both
-  eager_grad = jax.grad(lambda x: jnp.sum(g * module.apply(variables, x).quantized))(x)
-  np.testing.assert_allclose(input_grad(module, variables, x, g), eager_grad, rtol=1e-5,
-                             atol=1e-6)
-
-
-@pytest.mark.parametrize('cls', QUANTIZERS)
-def test_bfloat16_inputs(cls):
-  x32 = normal((2, 8, D))
-  x = x32.astype(jnp.bfloat16)
-  g = normal((2, 8, D), seed=1)
-  module = make(cls, True)
-  variables = init(cls, x32)
-  out = call(module, variables, x)
-  chex.assert_type(out.quantized, jnp.bfloat16)
-  chex.assert_type([out.loss, out.perplexity, out.code_counts], jnp.float32)
-  chex.assert_type(out.indices, jnp.int32)
-  reference = call(module, variables, x.astype(jnp.float32))  # the same values in float32
-  np.testing.assert_array_equal(out.indices, reference.indices)
-  np.testing.assert_array_equal(out.loss, reference.loss)
-  np.testing.assert_array_equal(out.quantized, reference.quantized.astype(jnp.bfloat16))
-  grad = input_grad(module, variables, x, g)
-  chex.assert_type(grad, jnp.bfloat16)
-  codes = codes_of(module, variables, out.indices)
-  flat_x = np.asarray(x.astype(jnp.float32)).reshape(-1, D)
-  flat_g = np.asarray(g).reshape(-1, D)
-  expected = []
-  for n in range(len(flat_x)):
-    dense, scale = rotation(flat_x[n], codes[n])
-    expected.append(scale * dense.T @ flat_g[n])
-  np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)).reshape(-1, D),
-                             np.array(expected), rtol=2e-2, atol=2e-2)
-
-
-# ---- 8 devices ----
-
-def test_eight_devices_equal_one(mesh):
-  """Sharded jit and shard_map with axis_name give the 1-device counts, EMA state and input
-  gradients."""
-  x = normal((64, D))
-  g = normal((64, D), seed=1)
-  module = VectorQuantizerEMA(K, D, decay=0.9, rotation_trick=True)
-  per_device = VectorQuantizerEMA(K, D, decay=0.9, rotation_trick=True, axis_name='data')
-  variables = module.init(jax.random.key(1), x)
-
-  def stats(module, variables, x, g):
-    out, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
-    grad = jax.grad(lambda x: jnp.sum(g * module.apply(variables, x).quantized))(x)
-    return out.perplexity, out.code_counts, updates['batch_stats'], out.quantized, grad
-
-  single = jax.jit(lambda v, x, g: stats(module, v, x, g))(variables, x, g)
-  assert float(single[0]) > 4
-  replicated, by_row = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  sharded = jax.jit(lambda v, x, g: stats(module, v, x, g),
-                    out_shardings=(replicated,) * 3 + (by_row,) * 2)(
-                        jax.device_put(variables, replicated), jax.device_put(x, by_row),
-                        jax.device_put(g, by_row))
-  assert len(sharded[4].sharding.device_set) == 8
-  chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-6)
-  mapped = jax.jit(jax.shard_map(
-      lambda v, x, g: stats(per_device, v, x, g), mesh=mesh,
-      in_specs=(P(), P('data'), P('data')), out_specs=(P(), P(), P(), P('data'), P('data'))))(
-          variables, x, g)
-  chex.assert_trees_all_close(mapped, single, rtol=1e-5, atol=1e-6)
-
-
-# ---- The option and bad input ----
-
-def test_option_reaches_the_model_and_bad_values_are_refused():
-  assert 'rotation_trick' in CODEBOOK_OPTIONS  # so VQVAE passes it to its quantizer
-  for cls in QUANTIZERS:
-    assert make(cls, False).codebook_size == K
-    with pytest.raises(ValueError, match="rotation_trick must be True or False, got 'yes'"):
-      cls(K, D, rotation_trick='yes')

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import XLA_FLAGS_FOR_DEVICES
+from conftest import XLA_FLAGS_FOR_DEVICES, read_metrics
 from train import data, trainer
 from train.checkpoints import load_model
 from train.errors import UserError
@@ -21,10 +21,11 @@ from train.configs import quickstart
 from vqvae_jax import VQVAE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=4,
-                  num_embeddings=16, embedding_dim=4)
+TINY_MODEL = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=4)
+TINY_CODEBOOK = dict(num_embeddings=16, embedding_dim=4)  # config.model.quantizer.ema
 # The same tiny run as command-line overrides, for the tests that run `python -m train`.
 TINY_FLAGS = [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()] + [
+    f'--config.model.quantizer.ema.{k}={v}' for k, v in TINY_CODEBOOK.items()] + [
     '--config.batch_size=8', '--config.eval_batch_size=64', '--config.steps_per_dispatch=2',
     '--config.log_every_steps=2', '--config.eval_every_steps=4',
     '--config.checkpoint_every_steps=2', '--config.num_reconstructions=4']
@@ -33,6 +34,7 @@ TINY_FLAGS = [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()] + [
 def tiny_config(**overrides):
   config = quickstart.get_config()
   config.model.update(TINY_MODEL)
+  config.model.quantizer.ema.update(TINY_CODEBOOK)
   config.update(dict(batch_size=8, eval_batch_size=64, num_train_steps=4, steps_per_dispatch=2,
                      log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=2,
                      num_reconstructions=4))
@@ -48,11 +50,6 @@ def is_cut_from(crop, photo):
   corners = photo[:photo.shape[0] - h + 1, :photo.shape[1] - w + 1]
   rows, cols = np.nonzero(np.all(corners == crop[0, 0], axis=-1))
   return any(np.array_equal(photo[r:r + h, c:c + w], crop) for r, c in zip(rows, cols))
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
 
 
 def device_env(devices):
@@ -181,8 +178,9 @@ def test_resume_continues_identically(tmp_path):
 def test_resume_refuses_a_different_model(tmp_path):
   trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
   config = tiny_config()
-  config.model.num_embeddings = 32
-  with pytest.raises(trainer.UserError, match=r'config.model.num_embeddings=16.*=32'):
+  config.model.quantizer.ema.num_embeddings = 32
+  with pytest.raises(trainer.UserError,
+                     match=r'config.model.quantizer.ema.num_embeddings=16.*=32'):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 
@@ -276,10 +274,13 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     (['--config.batch_size=0'], 1, 'config.batch_size=0; accepted: a positive integer'),
     (['--config.batch_size=-4'], 1, 'config.batch_size=-4; accepted: a positive integer'),
     (['--config.batch_size=12'], 8, 'config.batch_size=12 is not divisible by the 8 devices'),
-    (['--config.model.decay=1.5'], 1, r'decay must be in [0, 1)'),
+    (['--config.model.quantizer.ema.decay=1.5'], 1, 'decay must be a number in [0, 1)'),
+    (['--config.model.quantizer.family=pq'], 1,
+     "config.model.quantizer.family='pq'; accepted: ('vq', 'ema', 'fsq', 'lfq', 'rvq')."),
     (['--config.model.residual_skip=foo'], 1,
      "config.model: residual_skip must be one of ('relu', 'identity'), got 'foo'."),
-    (['--config.model.num_embeddings=0'], 1, 'num_embeddings must be an integer >= 1, got 0'),
+    (['--config.model.quantizer.ema.num_embeddings=0'], 1,
+     'num_embeddings must be an integer >= 1, got 0'),
     (['--config.batch_size=3.5'], 1, "'3.5'; accepted: an integer."),
     (['--config.download=maybe'], 1, "'maybe'); accepted: true or false."),
     (['--config.num_train_steps=-1'], 1, 'config.num_train_steps=-1; accepted: an integer >= 0.'),

@@ -1,6 +1,6 @@
 """Trains a VQ-VAE: `python -m train --config train/configs/quickstart.py --workdir runs/quick`.
 
-Any config key can be overridden: `--config.batch_size=64 --config.model.decay=0.0`.
+Any config key can be overridden: `--config.batch_size=64 --config.model.quantizer.family=vq`.
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 

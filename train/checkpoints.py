@@ -87,7 +87,9 @@ class Checkpoints:
 
 def write_run_info(workdir: str, config: ml_collections.ConfigDict, facts: Dict[str, Any],
                    identity_keys: Tuple[str, ...] = IDENTITY_KEYS,
-                   kept: Tuple[str, ...] = ()) -> Dict[str, Any]:
+                   kept: Tuple[str, ...] = (),
+                   identity_of: Optional[Dict[str, Callable[[Any], Any]]] = None
+                   ) -> Dict[str, Any]:
   """Stores the config and the data facts with the run; refuses an incompatible resume.
 
   Args:
@@ -97,19 +99,24 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, facts: Dict[
       the stored one, except those named in `kept`, which keep their stored values.
     identity_keys: the config keys that define the model and the data it learns.
     kept: facts a resumed run takes from the stored run, e.g. the data variance it trained with.
+    identity_of: for some identity keys, what of their value must match (applied to the
+      stored and the new value alike), e.g. a section in today's layout from an older one.
 
   Returns:
     The facts the run trains with: the stored ones when resuming.
   """
   path = os.path.join(workdir, RUN_FILE)
-  # Through JSON, so that a tuple (fsq_levels) compares equal to the list it is stored as.
+  # Through JSON, so that a tuple (FSQ's levels) compares equal to the list it is stored as.
   info = {'config': json.loads(json.dumps(config.to_dict())), **facts}
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
     for key in identity_keys:
-      for name, (old, new) in _differences(key, stored['config'].get(key),
-                                           info['config'].get(key)).items():
+      identity = (identity_of or {}).get(key, lambda value: value)
+      old_value, new_value = stored['config'].get(key), info['config'].get(key)
+      if old_value is not None and new_value is not None:
+        old_value, new_value = identity(old_value), identity(new_value)
+      for name, (old, new) in _differences(key, old_value, new_value).items():
         raise UserError(f'workdir {workdir} holds a run with config.{name}={old!r}, but this run '
                         f'has config.{name}={new!r}; use another --workdir, or the same config '
                         f'to resume.')

@@ -24,28 +24,32 @@ _VARIANTS = flags.DEFINE_list('variants', ['seed_ema', 'recommended', 'seed_plai
                                            'plain_restart'], 'Variants to run (see VARIANTS).')
 _OUT = flags.DEFINE_string('out', 'benchmarks/codebook_health', 'Output path, no extension.')
 
-# The seed's own quantizers, exactly; and the remedies on top of the same architecture.
-SEED_CODEBOOK = dict(zero_debias=False, codebook_init='seed', dead_code_threshold=0.0)
+# The seed's own quantizers, exactly; and the remedies on top of the same architecture. Each
+# variant is (family, fields of config.model.quantizer.<family>).
+SEED_CODEBOOK = dict(codebook_init='seed', dead_code_threshold=0.0)
 VARIANTS = {
-    'seed_ema': dict(SEED_CODEBOOK, decay=0.99),
-    'recommended': dict(RECOMMENDED),
-    'seed_plain': dict(SEED_CODEBOOK, decay=0.0),
-    'plain_restart': dict(SEED_CODEBOOK, decay=0.0, codebook_init='kmeans',
-                          dead_code_threshold=RECOMMENDED['dead_code_threshold']),
+    'seed_ema': ('ema', dict(SEED_CODEBOOK, decay=0.99, zero_debias=False)),
+    'recommended': ('ema', dict(RECOMMENDED)),
+    'seed_plain': ('vq', SEED_CODEBOOK),
+    'plain_restart': ('vq', dict(codebook_init='kmeans',
+                                 dead_code_threshold=RECOMMENDED['dead_code_threshold'])),
     # Further options on top of the recommended preset.
-    'recommended_dim16': dict(RECOMMENDED, codebook_dim=16),
-    'recommended_dim8': dict(RECOMMENDED, codebook_dim=8),
-    'recommended_dim16_entropy': dict(RECOMMENDED, codebook_dim=16, entropy_weight=0.02),
-    'recommended_cosine': dict(RECOMMENDED, cosine_codes=True),
-    'recommended_entropy': dict(RECOMMENDED, entropy_weight=0.1),
-    'recommended_threshold1': dict(RECOMMENDED, dead_code_threshold=1.0),
+    'recommended_dim16': ('ema', dict(RECOMMENDED, codebook_dim=16)),
+    'recommended_dim8': ('ema', dict(RECOMMENDED, codebook_dim=8)),
+    'recommended_dim16_entropy': ('ema', dict(RECOMMENDED, codebook_dim=16,
+                                              entropy_weight=0.02)),
+    'recommended_cosine': ('ema', dict(RECOMMENDED, cosine_codes=True)),
+    'recommended_entropy': ('ema', dict(RECOMMENDED, entropy_weight=0.1)),
+    'recommended_threshold1': ('ema', dict(RECOMMENDED, dead_code_threshold=1.0)),
 }
 METRICS = ('eval_nmse', 'eval_psnr', 'eval_codes_used', 'eval_perplexity')
 
 
 def run(variant: str, seed: int, steps: int, workdir: str):
   config = quickstart.get_config()
-  config.model.update(VARIANTS[variant])
+  family, fields = VARIANTS[variant]
+  config.model.quantizer.family = family
+  config.model.quantizer[family].update(fields)
   config.update(seed=seed, num_train_steps=steps, eval_every_steps=0,
                 checkpoint_every_steps=0, log_every_steps=max(steps // 10, 1))
   return trainer.train_and_evaluate(config, workdir)

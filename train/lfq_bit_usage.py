@@ -45,7 +45,7 @@ def main(argv=None) -> None:
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   metrics = evaluate.Evaluator(model, mesh, config.eval_batch_size)(variables, images.eval,
                                                                     images.variance)
-  shares = bit_shares(metrics['code_counts'], config.model.embedding_dim)
+  shares = bit_shares(metrics['code_counts'], config.model.quantizer.lfq.embedding_dim)
   dead = int(np.sum((shares == 0) | (shares == 1)))
   print(f'LFQ at {args.bits} bits, seed {args.seed}, {args.steps} steps: held-out NMSE '
         f'{metrics["eval_nmse"]:.4f}, {int(metrics["eval_codes_used"])} codes used, '

@@ -221,7 +221,7 @@ def load_vqvae(vqvae_workdir: str, step: Optional[int] = None) -> Tuple[VQVAE, A
   step = step if step is not None else (steps[-1] if steps else None)
   model, variables = load_model(vqvae_workdir, step)
   if model.codes_per_position != 1:
-    raise UserError(f'the VQ-VAE in {vqvae_workdir} has quantizer={model.quantizer!r}, '
+    raise UserError(f'the VQ-VAE in {vqvae_workdir} has quantizer={model.quantizer_family!r}, '
                     f'{model.codes_per_position} codes per grid position; the prior models one '
                     f"code per position; accepted: a VQ-VAE with quantizer 'vq', 'ema', 'fsq' "
                     f"or 'lfq'.")

@@ -118,8 +118,7 @@ def markdown(result: Dict[str, Any]) -> str:
       used_cell += ' (stages: ' + ', '.join(mean_std([r[k] for r in runs], 1)
                                             for k in per_stage) + ')'
     share = 100 * np.asarray(used, np.float64) / info['codebook_entries']
-    fields = ', '.join(f'{k}={v}' for k, v in info['fields'].items()
-                       if k not in quantizer_families.NO_CODEBOOK_OPTIONS)
+    fields = ', '.join(f'{k}={v}' for k, v in info['fields'].items())
     lines.append(' | '.join([
         f'| {family}', f'`{fields}`', mean_std([r['eval_nmse'] for r in runs], 4),
         mean_std([r['eval_psnr'] for r in runs], 2), used_cell,
@@ -152,7 +151,8 @@ def main(argv):
   info = {}
   for family in families:
     model = model_from_config(config_for(family, bits, 0, 1).model, image_channels=3)
-    info[family] = {'fields': quantizer_families.FAMILIES[bits][family], 'step_ms': step_ms[family],
+    preset_family, overrides = quantizer_families.FAMILIES[bits][family]
+    info[family] = {'fields': dict(family=preset_family, **overrides), 'step_ms': step_ms[family],
                     'codebook_entries': model.codebook_size * model.codes_per_position,
                     **quantizer_sizes(model)}
   result = {'bits': bits, 'steps': _STEPS.value, 'seeds': seeds,

@@ -17,7 +17,8 @@ from train import pictures
 from train.checkpoints import write_run_info
 from train.errors import UserError
 from train.state import TrainState
-from train.step import create_train_state, make_optimizer, make_train_step, model_from_config
+from train.step import create_train_state, identity_of_model_config, make_optimizer, \
+    make_train_step, model_from_config
 
 __all__ = ['train_and_evaluate', 'validate', 'UserError']
 
@@ -45,7 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   data = data_lib.read(splits, config, workdir)
   variance = write_run_info(workdir, config, {'data_variance': data.variance,
                                               'image_shape': list(data.image_shape)},
-                            kept=('data_variance',))['data_variance']
+                            kept=('data_variance',),
+                            identity_of={'model': identity_of_model_config})['data_variance']
   tx = make_optimizer(config)
   mesh = loop.data_mesh()
   evaluator = evaluate_lib.Evaluator(model, mesh, config.eval_batch_size, config.data_workers)

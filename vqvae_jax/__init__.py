@@ -4,11 +4,12 @@ from vqvae_jax.codebook import usage_metrics
 from vqvae_jax.fsq import FSQ
 from vqvae_jax.lfq import LFQ
 from vqvae_jax.model import QUANTIZERS, RECOMMENDED, VQVAE, Decoder, Encoder
-from vqvae_jax.quantizers import (CodebookOptions, QuantizerOutput, VectorQuantizer,
-                                  VectorQuantizerEMA, merge_codebook_offset)
+from vqvae_jax.quantizer_api import Quantizer, QuantizerOutput
+from vqvae_jax.quantizers import (CodebookOptions, VectorQuantizer, VectorQuantizerEMA,
+                                  merge_codebook_offset)
 from vqvae_jax.residual import ResidualVQ
 
 __all__ = ['VQVAE', 'Encoder', 'Decoder', 'VectorQuantizer', 'VectorQuantizerEMA', 'FSQ',
-           'LFQ', 'ResidualVQ', 'QUANTIZERS', 'CodebookOptions', 'QuantizerOutput',
+           'LFQ', 'ResidualVQ', 'QUANTIZERS', 'CodebookOptions', 'Quantizer', 'QuantizerOutput',
            'RECOMMENDED', 'merge_codebook_offset', 'usage_metrics']
 __version__ = '0.1.0'

@@ -12,7 +12,6 @@ checks values and indices against golden values that notebook's own code produce
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -22,11 +21,15 @@ import numpy as np
 from jax import lax
 
 from vqvae_jax.codebook import perplexity_from_counts
-from vqvae_jax.quantizers import QuantizerOutput, check_codes
+from vqvae_jax.quantizer_api import (QuantizerOutput, check_codes, check_inputs, check_number,
+                                     count_codes, nan_outside_range)
 
 Array = jax.Array
 
-__all__ = ['FSQ', 'RECOMMENDED_LEVELS']
+__all__ = ['FSQ', 'NO_CODE', 'RECOMMENDED_LEVELS']
+
+# The index of a vector with a NaN: no code has it, and `embed` gives NaN for it under `jit`.
+NO_CODE = -1
 
 # The paper's recommended levels for a codebook of about 2^bits codes (its Table 1), keyed by
 # bits. `[7, 5, 5, 5, 5]` has 4,375 codes, the others 2^bits or a little less.
@@ -95,27 +98,32 @@ class FSQ(nn.Module):
 
   def __post_init__(self):
     levels = self.levels
-    if not isinstance(levels, (tuple, list)) or not levels or not all(
-        isinstance(l, (int, np.integer)) and not isinstance(l, bool) for l in levels):
+    if not isinstance(levels, (tuple, list)) or not levels:
       raise ValueError(f'levels must be a non-empty sequence of integers >= 2, got {levels!r}.')
+    for level in levels:
+      check_number('every level', level, 2, integer=True)
     levels = tuple(int(l) for l in levels)
-    too_small = [l for l in levels if l < 2]
-    if too_small:
-      raise ValueError(f'every level must be >= 2 (a dimension needs two values), got levels='
-                       f'{levels} with {too_small[0]}.')
     if math.prod(levels) >= 2**31:
       raise ValueError(f'prod(levels) must be < 2^31 (indices are int32), got levels={levels} '
                        f'with {math.prod(levels)} codes.')
-    if (not isinstance(self.eps, numbers.Real) or isinstance(self.eps, bool)
-        or not 0.0 <= self.eps < 1.0):
-      raise ValueError(f'eps must be in [0, 1), got {self.eps!r}.')
+    check_number('eps', self.eps, 0, 1, high_open=True)
     object.__setattr__(self, 'levels', levels)  # hashable, whatever sequence was given
     super().__post_init__()
+
+  @property
+  def embedding_dim(self) -> int:
+    """`len(levels)`: the inputs' last dimension."""
+    return len(self.levels)
 
   @property
   def codebook_size(self) -> int:
     """`prod(levels)`: how many values an index takes."""
     return math.prod(self.levels)
+
+  @property
+  def codes_per_position(self) -> int:
+    """1: one code per input vector."""
+    return 1
 
   def _constants(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """int32 `levels`, `half_width = levels // 2` and the mixed-radix `basis`, each `[d]`."""
@@ -149,9 +157,11 @@ class FSQ(nn.Module):
         loss: float32 scalar 0 (FSQ has no auxiliary loss).
         perplexity: float32 scalar, `perplexity_from_counts(code_counts)`.
         indices: int32 `[...]`, the mixed-radix index of each vector's code, in
-          `[0, prod(levels))` (the notebook's `codes_to_indexes`).
+          `[0, prod(levels))` (the notebook's `codes_to_indexes`); -1 (`NO_CODE`) for a
+          vector with a NaN, whose `quantized` is NaN where the input is and which
+          `embed` gives as NaN under `jit` (a ValueError when concrete): NaN in, NaN out.
         code_counts: float32 `[prod(levels)]`, how many vectors of this batch got each index
-          (summed over `axis_name` when it is set).
+          (summed over `axis_name` when it is set); NaN vectors count nowhere.
         encodings, distances: None.
 
     Raises:
@@ -159,20 +169,16 @@ class FSQ(nn.Module):
       TypeError: `inputs` are not floating point.
     """
     del train
-    d = len(self.levels)
-    if inputs.ndim < 1 or inputs.shape[-1] != d:
-      raise ValueError(f'FSQ expects inputs of shape [..., {d}] (len(levels) for levels='
-                       f'{self.levels}), got shape {tuple(inputs.shape)}.')
-    if not jnp.issubdtype(inputs.dtype, jnp.floating):
-      raise TypeError(f'FSQ expects floating-point inputs, got {inputs.dtype}.')
+    check_inputs(inputs, self.embedding_dim, f'FSQ(levels={self.levels})')
     _, half_width, basis = self._constants()
     bounded = self.bound(inputs)
     quantized = _round_ste(bounded) / half_width.astype(np.float32)
     digits = (jnp.round(lax.stop_gradient(bounded)) + half_width).astype(jnp.int32)
     indices = jnp.sum(digits * basis, axis=-1, dtype=jnp.int32)
-    code_counts = jnp.zeros((self.codebook_size,), jnp.float32).at[indices.reshape(-1)].add(1.0)
-    if self.axis_name is not None:
-      code_counts = lax.psum(code_counts, self.axis_name)
+    # NaN in, NaN out: a vector with a NaN has no code (casting NaN to an integer would give
+    # one silently).
+    indices = jnp.where(jnp.any(jnp.isnan(bounded), axis=-1), NO_CODE, indices)
+    code_counts = count_codes(indices.reshape(-1), self.codebook_size, self.axis_name)
     return QuantizerOutput(
         quantized=quantized.astype(inputs.dtype), loss=jnp.zeros((), jnp.float32),
         perplexity=perplexity_from_counts(code_counts), indices=indices,
@@ -198,11 +204,9 @@ class FSQ(nn.Module):
         names it.
     """
     indices = jnp.asarray(check_codes(indices, self.codebook_size, 'FSQ.embed'))
-    if indices.dtype.itemsize < 4:  # the radix and the range check overflow int8/int16
-      indices = indices.astype(jnp.int32)
     levels, half_width, basis = self._constants()
-    digits = (indices[..., None] // basis) % levels
+    # int32: the radix arithmetic overflows int8/int16.
+    digits = (indices.astype(jnp.int32)[..., None] // basis) % levels
     half_width = half_width.astype(np.float32)
     codes = (digits.astype(jnp.float32) - half_width) / half_width
-    valid = (indices >= 0) & (indices < self.codebook_size)
-    return jnp.where(valid[..., None], codes, jnp.nan)
+    return nan_outside_range(codes, indices, self.codebook_size)

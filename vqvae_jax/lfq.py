@@ -16,41 +16,12 @@ It factorises over dimensions (derived at `code_distribution`), so:
     corrected an implementation that did (lucidrains/vector-quantize-pytorch issue #78, point
     3: "global or sub-groups ... different from the bitwise entropy").
 
-Relation to google/praxis `praxis/layers/video/quantizer.py` (`LookupFreeQuantizer`,
-`_entropy_loss`, `_factorized_entropy_loss`), which this follows:
-  * Same: the codes `{-1, 1}^D`; the index bit order (bit `d` of the index is dimension `d`,
-    least significant first, praxis' `base = 2^d` with one token group); the commitment term
-    `commitment_cost * mean((sg(q) - z)^2)` (the VQ-VAE commitment loss, issue #78 point 2; no
-    codebook term, as there is no codebook); the straight-through estimator; the code logits
-    `2 z.c / T` (praxis' affinity `[2z, -2z] / T` per dimension, or `-distances = 2 z @ C^T`
-    over the whole codebook); the per-sample entropy as an exact sum over dimensions (the
-    factorised mode); the batch entropy from products of the per-dimension probabilities
-    (praxis' `_cartesian_prod`; here summed in log space, see `code_distribution`), so that
-    no `[N, 2^D]` matrix exists with groups; the defaults
-    0.25, 0.1, 0.01; the batch term's own weight (`diversity_weight` here,
-    `entropy_loss_balance` there).
-  * Different:
-    - `z == 0` gives -1 here (`z > 0` is the bit); praxis takes `z >= 0` as +1.
-    - Grouped batch entropy: the entropies of the `G` contiguous groups (dimensions
-      `[k D/G, (k+1) D/G)`) are summed, so that the term is on the scale of the per-sample
-      entropy (a sum over all `D` dimensions) and equals the exact one when `G = 1`. Praxis
-      averages over its groups and adds a second, strided partition of the dimensions
-      (`reshape(bs, group_size, -1, 2).transpose`).
-    - No `+ 1e-5` inside the logarithms: `p log p` is taken as 0 where `p == 0`, exactly.
-    - Everything is float32 whatever the input dtype (praxis computes in the inputs' dtype;
-      peers saw negative or NaN entropies in half precision, vector-quantize-pytorch #85).
-    - The exact mode (`entropy_groups=None`) is refused above `MAX_EXACT_ENTROPY_DIM`
-      dimensions instead of building a `[N, 2^D]` softmax of any size.
-    - `axis_name` averages the batch-mean distribution over devices inside `shard_map`.
-    - Losses are computed in every call (praxis skips them in eval mode).
-    - `quantized` is `sg(q) + (z - sg(z))`: praxis' `z + sg(q - z)` in gradient, and the code
-      exactly in value. Praxis' form gives 0 instead of the code once `|z|` passes about 1.7e7
-      in float32 (`1 - z` rounds to `-z`).
+It follows google/praxis `praxis/layers/video/quantizer.py` (`LookupFreeQuantizer`); where it
+departs from it, and why, is in `docs/quantizers.md`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -60,7 +31,8 @@ import numpy as np
 from jax import lax
 
 from vqvae_jax.codebook import perplexity_from_counts
-from vqvae_jax.quantizers import QuantizerOutput, check_codes
+from vqvae_jax.quantizer_api import (QuantizerOutput, check_codes, check_number, count_codes,
+                                     flatten_inputs, nan_outside_range)
 
 Array = jax.Array
 
@@ -181,7 +153,7 @@ class LFQ(nn.Module):
   (k+1) D/G)`). The grouped form is an upper bound of the exact one (subadditivity) and equals
   it for `G = 1`; the per-sample term is the same in both. The entropy part is `<= 0` when
   `diversity_weight = 1`: the mean of entropies is at most the entropy of the mean
-  (concavity), per group. The module docstring says where this follows google/praxis and where
+  (concavity), per group. `docs/quantizers.md` says where this follows google/praxis and where
   it differs.
 
   The exact form (`entropy_groups=None`) materialises `[N, 2^D]` probabilities, so it is
@@ -220,17 +192,10 @@ class LFQ(nn.Module):
 
   def __post_init__(self):
     d = self.embedding_dim
-    if (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or
-        not 1 <= d <= MAX_DIM):
-      raise ValueError(f'embedding_dim must be an integer in [1, {MAX_DIM}] (indices are '
-                       f'int32), got {d!r}.')
+    check_number('embedding_dim', d, 1, MAX_DIM, integer=True)  # MAX_DIM: indices are int32
     for name in ('commitment_cost', 'entropy_weight', 'diversity_weight'):
-      value = getattr(self, name)
-      if not _is_real(value) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f'{name} must be >= 0 and finite, got {value!r}.')
-    t = self.entropy_temperature
-    if not _is_real(t) or not (math.isfinite(t) and t > 0):
-      raise ValueError(f'entropy_temperature must be > 0 and finite, got {t!r}.')
+      check_number(name, getattr(self, name), 0)
+    check_number('entropy_temperature', self.entropy_temperature, 0, low_open=True)
     groups = self.entropy_groups
     if groups is None:
       if self.entropy_weight > 0 and d > MAX_EXACT_ENTROPY_DIM:
@@ -250,6 +215,11 @@ class LFQ(nn.Module):
   def codebook_size(self) -> int:
     """`2^embedding_dim`: how many values an index takes."""
     return 2**self.embedding_dim
+
+  @property
+  def codes_per_position(self) -> int:
+    """1: one code per input vector."""
+    return 1
 
   def entropy_terms(self, latents: Array) -> Tuple[Array, Array]:
     """The two entropies of the loss, in nats.
@@ -297,12 +267,7 @@ class LFQ(nn.Module):
     """
     del train
     d = self.embedding_dim
-    if inputs.ndim < 1 or inputs.shape[-1] != d:
-      raise ValueError(f'LFQ expects inputs of shape [..., {d}] (embedding_dim), got shape '
-                       f'{tuple(inputs.shape)}.')
-    if not jnp.issubdtype(inputs.dtype, jnp.floating):
-      raise TypeError(f'LFQ expects floating-point inputs, got {inputs.dtype}.')
-    latents = inputs.reshape(-1, d).astype(jnp.float32)
+    latents = flatten_inputs(inputs, d, 'LFQ')
     positive = latents > 0
     codes = jnp.where(positive, 1.0, -1.0).astype(jnp.float32)
     indices = jnp.sum(positive.astype(jnp.int32) << jnp.arange(d, dtype=jnp.int32), axis=-1)
@@ -310,9 +275,7 @@ class LFQ(nn.Module):
     if self.entropy_weight > 0:
       per_sample, batch = self.entropy_terms(latents)
       loss = loss + self.entropy_weight * (per_sample - self.diversity_weight * batch)
-    code_counts = jnp.zeros((self.codebook_size,), jnp.float32).at[indices].add(1.0)
-    if self.axis_name is not None:
-      code_counts = lax.psum(code_counts, self.axis_name)
+    code_counts = count_codes(indices, self.codebook_size, self.axis_name)
     # z + sg(q - z) in gradient, q exactly in value.
     quantized = codes + (latents - lax.stop_gradient(latents))
     return QuantizerOutput(
@@ -336,17 +299,10 @@ class LFQ(nn.Module):
       Under `jit` an out-of-range index gives a row of NaN, never a valid code.
     """
     indices = check_codes(indices, self.codebook_size, 'LFQ.embed')
-    valid = indices >= 0
-    if jnp.iinfo(indices.dtype).max >= self.codebook_size:  # else every value is below it
-      valid = valid & (indices < self.codebook_size)  # compared in the indices' own dtype
     bits = (indices.astype(jnp.int32)[..., None] >> jnp.arange(self.embedding_dim,
                                                                dtype=jnp.int32)) & 1
     codes = 2.0 * bits.astype(jnp.float32) - 1.0
-    return jnp.where(valid[..., None], codes, jnp.nan)
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return nan_outside_range(codes, indices, self.codebook_size)
 
 
 def _smallest_groups(d: int) -> int:

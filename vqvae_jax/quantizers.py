@@ -49,61 +49,23 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import struct, traverse_util
+from flax import traverse_util
 from jax import lax
 
 from vqvae_jax.codebook import (batch_usage_entropy_loss, global_row_count, kmeans,
-                                l2_normalize, nearest_code, nearest_in_distances, num_codes_used,
+                                l2_normalize, nearest_code, nearest_in_distances,
                                 perplexity_from_counts, sample_global_rows, squared_distances,
                                 update_usage)
+from vqvae_jax.quantizer_api import (QuantizerOutput, check_choice, check_codes, check_number,
+                                     count_codes, flatten_inputs, in_range,
+                                     nan_outside_range)
 
 Array = jax.Array
 
-# Re-exported: these lived here first and other modules import them from here.
-__all__ = ['CodebookOptions', 'QuantizerOutput', 'VectorQuantizer', 'VectorQuantizerEMA',
-           'check_codes', 'merge_codebook_offset', 'rotation_trick', 'nearest_code',
-           'num_codes_used', 'perplexity_from_counts', 'squared_distances']
+__all__ = ['CodebookOptions', 'VectorQuantizer', 'VectorQuantizerEMA', 'merge_codebook_offset',
+           'rotation_trick']
 
 CODEBOOK_INITS = ('seed', 'kmeans')
-
-
-@struct.dataclass
-class QuantizerOutput:
-  """What a quantizer returns.
-
-  Attributes:
-    quantized: `[..., D]`, the inputs' dtype. The nearest codes, with the straight-through
-      estimator applied to the latents the lookup quantizes: the forward value is the code,
-      the gradient flows to the latents unchanged (`latents + stop_gradient(codes -
-      latents)`). Without `codebook_dim` or `cosine_codes` the latents are the inputs.
-      With `codebook_dim` this is `project_out` of the straight-through code. With
-      `cosine_codes` the latents are the l2-normalised inputs: the codes are unit vectors,
-      and the gradient passes through the normalisation. With `rotation_trick=True` the
-      forward value is the code exactly and the latents get the rotation trick's gradient
-      instead (see `rotation_trick`).
-    loss: float32 scalar. `q_latent + commitment_cost * e_latent` for `VectorQuantizer`,
-      `commitment_cost * e_latent` for `VectorQuantizerEMA`; plus the entropy penalty when
-      `entropy_weight > 0`. Inside `shard_map` the squared-error terms are means over this
-      device's inputs (the entropy term is global): `lax.pmean` the loss over `axis_name`
-      for the global one.
-    perplexity: float32 scalar, `exp(entropy)` of the batch's code distribution.
-    indices: int32 `[...]`, the index of the nearest code for each input vector.
-    code_counts: float32 `[K]`, how many input vectors chose each code in this batch (summed
-      over `axis_name` when given).
-    encodings: float32 `[N, K]` one-hot codes, `N = prod(inputs.shape[:-1])`; only when the
-      module was built with `return_encodings=True`, else None.
-    distances: float32 `[N, K]` squared distances to every code; only with
-      `return_distances=True`, else None.
-  """
-
-  quantized: Array
-  loss: Array
-  perplexity: Array
-  indices: Array
-  code_counts: Array
-  encodings: Optional[Array] = None
-  distances: Optional[Array] = None
 
 
 def _mse(a: Array, b: Array, row_mask: Optional[Array] = None) -> Array:
@@ -170,7 +132,7 @@ class _VectorQuantizerBase(CodebookOptions):
     * `codebook`: the `[K, C]` codebook in use;
     * `has_training_state`: whether `train=True` updates `batch_stats`;
     * `_codebook_loss(latents, codes, row_mask)`: the loss before the entropy term (rows
-      where the optional `row_mask` is 0 add nothing; see `_quantize`);
+      where the optional `row_mask` is 0 add nothing; see `__call__`);
     * `_update_codebook(latents, indices, code_counts, step)`: after each training lookup;
     * `_write_codes(mask, new_codes, sizes, step)`: how a k-means init or restart sets codes.
   """
@@ -187,35 +149,22 @@ class _VectorQuantizerBase(CodebookOptions):
   # ---- Field checks and feature switches. ----
 
   def _check_common_fields(self) -> None:
-    if not isinstance(self.num_embeddings, int) or self.num_embeddings < 1:
-      raise ValueError(f'num_embeddings must be an integer >= 1, got {self.num_embeddings!r}.')
-    if not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
-      raise ValueError(f'embedding_dim must be an integer >= 1, got {self.embedding_dim!r}.')
-    if self.commitment_cost < 0:
-      raise ValueError(f'commitment_cost must be >= 0, got {self.commitment_cost!r}.')
-    if self.distance_chunk_size is not None and self.distance_chunk_size < 1:
-      raise ValueError(
-          f'distance_chunk_size must be None or >= 1, got {self.distance_chunk_size!r}.')
-    if self.codebook_init not in CODEBOOK_INITS:
-      raise ValueError(f'codebook_init must be one of {CODEBOOK_INITS}, got '
-                       f'{self.codebook_init!r}.')
-    if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 0:
-      raise ValueError(f'kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}.')
-    if self.dead_code_threshold < 0:
-      raise ValueError(f'dead_code_threshold must be >= 0 (0 disables restarts), got '
-                       f'{self.dead_code_threshold!r}.')
-    if not 0.0 <= self.usage_decay < 1.0:
-      raise ValueError(f'usage_decay must be in [0, 1), got {self.usage_decay!r}.')
-    if self.codebook_dim is not None and (not isinstance(self.codebook_dim, int) or
-                                          self.codebook_dim < 1):
-      raise ValueError(f'codebook_dim must be None or an integer >= 1, got '
-                       f'{self.codebook_dim!r}.')
-    if self.entropy_weight < 0:
-      raise ValueError(f'entropy_weight must be >= 0, got {self.entropy_weight!r}.')
-    if not self.entropy_temperature > 0:
-      raise ValueError(f'entropy_temperature must be > 0, got {self.entropy_temperature!r}.')
-    if not isinstance(self.rotation_trick, (bool, np.bool_)):
-      raise ValueError(f'rotation_trick must be True or False, got {self.rotation_trick!r}.')
+    check_number('num_embeddings', self.num_embeddings, 1, integer=True)
+    check_number('embedding_dim', self.embedding_dim, 1, integer=True)
+    check_number('commitment_cost', self.commitment_cost, 0)
+    if self.distance_chunk_size is not None:
+      check_number('distance_chunk_size', self.distance_chunk_size, 1, integer=True)
+    check_choice('codebook_init', self.codebook_init, CODEBOOK_INITS)
+    check_number('kmeans_iters', self.kmeans_iters, 0, integer=True)
+    check_number('dead_code_threshold', self.dead_code_threshold, 0)
+    check_number('usage_decay', self.usage_decay, 0, 1, high_open=True)
+    check_choice('track_usage', self.track_usage, (True, False))
+    check_choice('cosine_codes', self.cosine_codes, (True, False))
+    if self.codebook_dim is not None:
+      check_number('codebook_dim', self.codebook_dim, 1, integer=True)
+    check_number('entropy_weight', self.entropy_weight, 0)
+    check_number('entropy_temperature', self.entropy_temperature, 0, low_open=True)
+    check_choice('rotation_trick', self.rotation_trick, (True, False))
 
   @property
   def _restarts_dead_codes(self) -> bool:
@@ -261,16 +210,6 @@ class _VectorQuantizerBase(CodebookOptions):
 
   # ---- The forward pass. ----
 
-  def _flatten(self, inputs: Array) -> Array:
-    if inputs.ndim < 1 or inputs.shape[-1] != self.embedding_dim:
-      raise ValueError(f'{type(self).__name__} expects inputs of shape [..., '
-                       f'{self.embedding_dim}] (embedding_dim), got shape '
-                       f'{tuple(inputs.shape)}.')
-    if not jnp.issubdtype(inputs.dtype, jnp.floating):
-      raise TypeError(f'{type(self).__name__} expects floating-point inputs, got '
-                      f'{inputs.dtype}.')
-    return inputs.reshape(-1, self.embedding_dim).astype(jnp.float32)
-
   def _to_code_space(self, flat_inputs: Array) -> Array:
     """`[N, D]` inputs -> `[N, C]` latents, the vectors that are actually quantized."""
     latents = flat_inputs
@@ -298,10 +237,7 @@ class _VectorQuantizerBase(CodebookOptions):
       distances = None
       indices = nearest_code(latents, codebook, self.distance_chunk_size)
     codes = jnp.take(codebook, indices, axis=0)
-    code_counts = jnp.zeros((self.num_embeddings,), jnp.float32).at[indices].add(
-        1.0 if row_mask is None else row_mask)
-    if self.axis_name is not None:
-      code_counts = lax.psum(code_counts, self.axis_name)
+    code_counts = count_codes(indices, self.num_embeddings, self.axis_name, row_mask)
     return indices, codes, code_counts, distances
 
   def _check_training_call(self) -> None:
@@ -355,29 +291,39 @@ class _VectorQuantizerBase(CodebookOptions):
     self._write_codes(dead, candidates, jnp.full_like(code_usage, threshold), step)
     return jnp.where(dead, threshold, code_usage)
 
-  def _quantize(self, inputs: Array, train: bool, row_mask: Optional[Array] = None,
-                exact_codes: bool = False) -> QuantizerOutput:
-    """The whole call of either quantizer: see `VectorQuantizer.__call__`.
-
-    The two optional arguments are for `ResidualVQ`, which calls this on each stage; with
-    their defaults the call is exactly the quantizers' `__call__`.
+  def __call__(self, inputs: Array, train: bool = False, *, row_mask: Optional[Array] = None,
+               exact_codes: bool = False) -> QuantizerOutput:
+    """Quantizes `inputs`.
 
     Args:
       inputs: `[..., D]`, any float dtype.
-      train: as `__call__`.
+      train: update the state: always for `VectorQuantizerEMA`; for `VectorQuantizer` only
+        when a codebook option keeps one (k-means init, usage, restarts), else nothing
+        changes. Then `batch_stats` must be mutable and, for k-means or restarts, a
+        `'codebook'` rng given. The output is the same either way, except that the k-means
+        init replaces the codebook before the first training call's lookup.
       row_mask: float32 `[N]` of 0 and 1 (`N = prod(inputs.shape[:-1])`, the rows in C
-        order), or None for all ones. Rows where it is 0 (vectors a residual VQ stage drops)
-        are still quantized, but they are left out of `code_counts` (so of the perplexity,
-        the EMA cluster sizes and sums, and `code_usage`) and add 0 to the squared-error
-        losses, whose means still divide by every row (the pmean over devices stays the
-        global value). The k-means init, restart candidates and the entropy term still use
-        every row.
+        order), or None for all ones; `ResidualVQ` passes the vectors its dropout keeps.
+        Rows where it is 0 are still quantized, but they are left out of `code_counts` (so of
+        the perplexity, the EMA cluster sizes and sums, and `code_usage`) and add 0 to the
+        squared-error losses, whose means still divide by every row (the pmean over devices
+        stays the global value). The k-means init, restart candidates and the entropy term
+        still use every row.
       exact_codes: make the forward value of `quantized` the codes exactly: the
         straight-through estimator as `codes + (latents - sg(latents))` instead of the seed's
         `latents + sg(codes - latents)`, which rounds to within an ulp of the latents' scale
         of them. The same gradient. (The rotation trick gives the codes exactly either way.)
+
+    Returns:
+      A `QuantizerOutput`; `quantized` has the shape and dtype of `inputs`, `indices` is
+      int32 `[...]`, `code_counts` float32 `[K]`.
+
+    Raises:
+      ValueError: `inputs` do not end in D; or a training call that updates state lacks
+        `mutable=['batch_stats']`, the `'codebook'` rng, or any input vector.
+      TypeError: `inputs` are not floating point.
     """
-    flat_inputs = self._flatten(inputs)
+    flat_inputs = flatten_inputs(inputs, self.embedding_dim, type(self).__name__)
     latents = self._to_code_space(flat_inputs)
     updating = train and self.has_training_state and not self.is_initializing()
     if updating:
@@ -435,6 +381,11 @@ class _VectorQuantizerBase(CodebookOptions):
     """K (`num_embeddings`): how many values an index takes, `indices` in `[0, K)`."""
     return self.num_embeddings
 
+  @property
+  def codes_per_position(self) -> int:
+    """1: one code per input vector."""
+    return 1
+
   # ---- Codes to vectors. ----
 
   def embed(self, indices: Array) -> Array:
@@ -455,11 +406,9 @@ class _VectorQuantizerBase(CodebookOptions):
         never a valid code.
     """
     indices = check_codes(indices, self.num_embeddings, f'{type(self).__name__}.embed')
-    num_codes = self.num_embeddings
-    # `take` wraps negative indices (Python style); send them past the end so they fill too.
-    indices = jnp.where(indices < 0, num_codes, indices)
-    codes = jnp.take(self.codebook, indices, axis=0, mode='fill', fill_value=jnp.nan)
-    return self._from_code_space(codes)
+    inside = in_range(indices, self.num_embeddings)
+    codes = jnp.take(self.codebook, jnp.where(inside, indices, 0).astype(jnp.int32), axis=0)
+    return self._from_code_space(nan_outside_range(codes, indices, self.num_embeddings))
 
 
 class VectorQuantizer(_VectorQuantizerBase):
@@ -511,24 +460,6 @@ class VectorQuantizer(_VectorQuantizerBase):
     if self._writes_codes:
       self.codebook_offset = self.variable('batch_stats', 'codebook_offset', jnp.zeros, shape,
                                            jnp.float32)
-
-  def __call__(self, inputs: Array, train: bool = False) -> QuantizerOutput:
-    """Quantizes `inputs`.
-
-    Args:
-      inputs: `[..., D]`, any float dtype.
-      train: update the codebook state (k-means init, usage, restarts) when an option keeps
-        one; then `batch_stats` must be mutable and, for k-means or restarts, a `'codebook'`
-        rng given. With the defaults the module has no state and this changes nothing.
-
-    Returns:
-      A `QuantizerOutput`; `quantized` has the shape and dtype of `inputs`.
-
-    Raises:
-      ValueError: `inputs` do not end in D; or a training call that updates state lacks
-        `mutable=['batch_stats']` or the `'codebook'` rng.
-    """
-    return self._quantize(inputs, train)
 
   @property
   def has_training_state(self) -> bool:
@@ -627,10 +558,8 @@ class VectorQuantizerEMA(_VectorQuantizerBase):
 
   def __post_init__(self):
     self._check_common_fields()
-    if not 0.0 <= self.decay < 1.0:
-      raise ValueError(f'decay must be in [0, 1), got {self.decay!r}.')
-    if self.epsilon < 0:
-      raise ValueError(f'epsilon must be >= 0, got {self.epsilon!r}.')
+    check_number('decay', self.decay, 0, 1, high_open=True)
+    check_number('epsilon', self.epsilon, 0)
     super().__post_init__()
 
   def setup(self):
@@ -647,23 +576,6 @@ class VectorQuantizerEMA(_VectorQuantizerBase):
           'batch_stats', 'ema_w',
           lambda: jax.random.normal(self.make_rng('params'), shape, jnp.float32))
     self._setup_codebook_options(needs_counter=self.zero_debias or self._has_codebook_state)
-
-  def __call__(self, inputs: Array, train: bool = False) -> QuantizerOutput:
-    """Quantizes `inputs` and, with `train=True`, updates the EMA state.
-
-    Args:
-      inputs: `[..., D]`, any float dtype.
-      train: update `batch_stats` (they must be mutable; k-means init and restarts also need
-        a `'codebook'` rng); the output is the same either way, except that the k-means init
-        replaces the codebook before the first training call's lookup.
-
-    Returns:
-      A `QuantizerOutput`; `quantized` has the shape and dtype of `inputs`.
-
-    Raises:
-      ValueError: as `VectorQuantizer.__call__`.
-    """
-    return self._quantize(inputs, train)
 
   @property
   def has_training_state(self) -> bool:
@@ -815,47 +727,3 @@ def merge_codebook_offset(variables: Mapping[str, Any],
   flat[embedding_key] = flat[embedding_key] + flat[offset_key]
   flat[offset_key] = jnp.zeros_like(flat[offset_key])
   return traverse_util.unflatten_dict(flat)
-
-
-def check_codes(indices: Any, num_codes: int, where: str) -> Array:
-  """`indices` as an integer array, checked as every quantizer's `embed` documents.
-
-  Args:
-    indices: integer array-like `[...]`.
-    num_codes: the codes must lie in `[0, num_codes)`.
-    where: who is checking, for the messages (e.g. `'FSQ.embed'`).
-
-  Returns:
-    `indices` as a JAX or numpy integer array, unchanged.
-
-  Raises:
-    TypeError: `indices` are not integers.
-    ValueError: concrete `indices` (not traced) hold a value outside `[0, num_codes)`; the
-      message names it. Traced ones cannot be checked without a device sync: the caller says
-      what an out-of-range code gives there.
-  """
-  indices = jnp.asarray(indices) if not hasattr(indices, 'dtype') else indices
-  if not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise TypeError(f'{where}: codes must be integers in [0, {num_codes}), got dtype '
-                    f'{indices.dtype}.')
-  concrete = _concrete_value(indices)
-  if concrete is not None and concrete.size:
-    out_of_range = (concrete < 0) | (concrete >= num_codes)
-    if out_of_range.any():
-      bad = concrete[out_of_range]
-      raise ValueError(f'{where}: got code {int(bad[0])} ({bad.size} of {concrete.size} codes '
-                       f'are out of range); codes must be in [0, {num_codes}).')
-  return indices
-
-
-def _concrete_value(array: Any) -> Optional[np.ndarray]:
-  """`array` as numpy if its values are known here, None for a tracer (or an array spread over
-  other processes), whose values would need a device sync or are not known at all."""
-  if isinstance(array, np.ndarray):
-    return array
-  try:  # a tracer raises on both
-    if not getattr(array, 'is_fully_addressable', True):
-      return None
-    return np.asarray(array)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vqvae_jax.quantizers import (CODEBOOK_OPTIONS, CodebookOptions, QuantizerOutput,
-                                  VectorQuantizer, VectorQuantizerEMA, check_codes)
+from vqvae_jax import quantizer_api
+from vqvae_jax.quantizer_api import QuantizerOutput, check_codes, check_number, flatten_inputs
+from vqvae_jax.quantizers import CODEBOOK_OPTIONS, CodebookOptions
 
 Array = jax.Array
 
 # `indices` of a stage that quantizer dropout left out for that example; `embed` adds nothing
-# for it.
+# for it. Only in signed integer codes: an unsigned dtype cannot hold it.
 DROPPED = -1
 
 
@@ -95,36 +96,39 @@ class ResidualVQ(CodebookOptions):
   distance_chunk_size: Optional[int] = None
 
   def __post_init__(self):
-    if (not isinstance(self.num_quantizers, (int, np.integer)) or
-        isinstance(self.num_quantizers, bool) or self.num_quantizers < 1):
-      raise ValueError(f'num_quantizers must be an integer >= 1, got {self.num_quantizers!r}.')
-    if (isinstance(self.quantizer_dropout, bool) or
-        not isinstance(self.quantizer_dropout, (int, float, np.integer, np.floating)) or
-        not 0.0 <= self.quantizer_dropout <= 1.0):
-      raise ValueError(f'quantizer_dropout must be in [0, 1], got {self.quantizer_dropout!r}.')
-    if not 0.0 <= self.decay < 1.0:
-      raise ValueError(f'decay must be in [0, 1) (0 selects plain stages), got {self.decay!r}.')
-    self._stage(parent=None)  # a bad stage field (num_embeddings, epsilon, ...) fails here
+    check_number('num_quantizers', self.num_quantizers, 1, integer=True)
+    check_number('quantizer_dropout', self.quantizer_dropout, 0, 1)
+    check_number('decay (0 selects plain stages)', self.decay, 0, 1, high_open=True)
+    quantizer_api.build(self.stage_config, parent=None)  # a bad stage field fails here
     super().__post_init__()
 
-  def _stage(self, **module_kwargs):
-    fields = dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
-                  commitment_cost=self.commitment_cost, axis_name=self.axis_name,
+  @property
+  def stage_config(self):
+    """Each stage's quantizer config: `'ema'` when `decay > 0`, else `'vq'`, with this
+    module's codebook fields."""
+    config = dict(family='vq', num_embeddings=self.num_embeddings,
+                  embedding_dim=self.embedding_dim, commitment_cost=self.commitment_cost,
                   distance_chunk_size=self.distance_chunk_size,
-                  **{name: getattr(self, name) for name in CODEBOOK_OPTIONS}, **module_kwargs)
+                  **{name: getattr(self, name) for name in CODEBOOK_OPTIONS})
     if self.decay > 0:
-      return VectorQuantizerEMA(decay=self.decay, epsilon=self.epsilon,
-                                zero_debias=self.zero_debias, **fields)
-    return VectorQuantizer(**fields)
+      config.update(family='ema', decay=self.decay, epsilon=self.epsilon,
+                    zero_debias=self.zero_debias)
+    return config
 
   def setup(self):
-    self.stages = [self._stage(name=f'stage_{i}') for i in range(self.num_quantizers)]
+    self.stages = [quantizer_api.build(self.stage_config, axis_name=self.axis_name,
+                                       name=f'stage_{i}') for i in range(self.num_quantizers)]
 
   @property
   def codebook_size(self) -> int:
     """K (`num_embeddings`): how many values each index takes; `indices[..., i]` is a code
     of stage `i`, in `[0, K)` (or -1 for a stage dropped in a training call)."""
     return self.num_embeddings
+
+  @property
+  def codes_per_position(self) -> int:
+    """Q (`num_quantizers`): one code per stage."""
+    return self.num_quantizers
 
   def __call__(self, inputs: Array, train: bool = False) -> QuantizerOutput:
     """Quantizes `inputs` through every stage.
@@ -152,23 +156,17 @@ class ResidualVQ(CodebookOptions):
       ValueError: `inputs` do not end in D; a training call with dropout lacks the
         `'codebook'` rng; or a stage's own training-call check fails.
     """
-    if inputs.ndim < 1 or inputs.shape[-1] != self.embedding_dim:
-      raise ValueError(f'ResidualVQ expects inputs of shape [..., {self.embedding_dim}] '
-                       f'(embedding_dim), got shape {tuple(inputs.shape)}.')
-    if not jnp.issubdtype(inputs.dtype, jnp.floating):
-      raise TypeError(f'ResidualVQ expects floating-point inputs, got {inputs.dtype}.')
-    num_rows = int(np.prod(inputs.shape[:-1], dtype=np.int64))
+    residual = flatten_inputs(inputs, self.embedding_dim, 'ResidualVQ')
     depth = None  # int32 [N]: how many stages each vector uses, in a dropout call
     if train and self.quantizer_dropout > 0 and not self.is_initializing():
       depth = self._depth_per_vector(inputs.shape)
 
-    residual = inputs.astype(jnp.float32).reshape(num_rows, self.embedding_dim)
     quantized = None
-    losses, perplexities, indices, counts, used = [], [], [], [], []
+    losses, perplexities, indices, counts = [], [], [], []
     for i, stage in enumerate(self.stages):
       kept = None if depth is None else depth > i  # bool [N]
       row_mask = None if kept is None else kept.astype(jnp.float32)
-      out = stage._quantize(residual, train, row_mask=row_mask, exact_codes=True)
+      out = stage(residual, train, row_mask=row_mask, exact_codes=True)
       residual = residual - out.quantized
       stage_codes, stage_indices = out.quantized, out.indices
       if kept is not None:
@@ -219,7 +217,8 @@ class ResidualVQ(CodebookOptions):
 
     Args:
       indices: integer `[..., Q]`: `[..., i]` a code of stage `i` in `[0, K)`, or -1
-        (`DROPPED`) for a stage that adds nothing.
+        (`DROPPED`, in a signed dtype) for a stage that adds nothing. Unsigned codes have no
+        marker: uint8 255 is code 255.
 
     Returns:
       float32 `[..., D]`: the sum, in stage order, of `stages[i].embed(indices[..., i])` over
@@ -240,7 +239,10 @@ class ResidualVQ(CodebookOptions):
     if indices.ndim < 1 or indices.shape[-1] != self.num_quantizers:
       raise ValueError(f'ResidualVQ.embed expects codes of shape [..., {self.num_quantizers}] '
                        f'(num_quantizers), got shape {tuple(indices.shape)}.')
-    dropped = indices == DROPPED
+    if jnp.issubdtype(indices.dtype, jnp.signedinteger):
+      dropped = indices == DROPPED
+    else:  # `== -1` would compare with the dtype's largest value, a valid code
+      dropped = jnp.zeros(indices.shape, bool)
     indices = check_codes(jnp.where(dropped, 0, indices), self.num_embeddings,
                           'ResidualVQ.embed')
     total = None

@@ -121,7 +121,7 @@ def feeding_training(folder: str, workers: int, steps: int, workdir: str,
              '--config.eval_every_steps=0', '--config.checkpoint_every_steps=0',
              '--config.num_reconstructions=0', '--config.eval_batch_size=64',
              '--config.model.num_hiddens=16', '--config.model.num_residual_layers=1',
-             '--config.model.num_residual_hiddens=4', '--config.model.embedding_dim=8',
+             '--config.model.num_residual_hiddens=4', '--config.model.quantizer.ema.embedding_dim=8',
              '--config.model.dtype=float32']
   metrics = os.path.join(workdir, 'metrics.jsonl')
   launched = time.perf_counter()

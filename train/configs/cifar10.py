@@ -2,8 +2,9 @@
 
 The architecture and the hyperparameters are the seed's; the codebook uses the recommended
 remedies for collapse (`vqvae_jax.RECOMMENDED`: zero-debiased EMA, k-means init, dead-code
-restart). For the seed's quantizer exactly, add `--config.model.zero_debias=False
---config.model.codebook_init=seed --config.model.dead_code_threshold=0.0`.
+restart). For the seed's quantizer exactly, add `--config.model.quantizer.ema.zero_debias=False
+--config.model.quantizer.ema.codebook_init=seed
+--config.model.quantizer.ema.dead_code_threshold=0.0`.
 
     python -m train --config train/configs/cifar10.py --workdir runs/cifar10
 
@@ -16,14 +17,14 @@ take about 6 minutes there plus evaluation. Override any key on the command line
 --config.learning_rate=1e-3`.
 
 Another quantizer family at the same 9 bits per code: `--config train/configs/cifar10.py:fsq`
-(or `:lfq`, `:rvq`, `:ema_rotation`; `:fsq/16` for 16 bits), see `train/configs/quantizer_families.py`.
+(or `:lfq`, `:rvq`, `:ema_rotation`; `:fsq/16` for 16 bits), or
+`--config.model.quantizer.family=fsq`; see `train/configs/quantizer_families.py`.
 """
 
 import ml_collections
 
 from train import state
 from train.configs import quantizer_families
-from vqvae_jax import RECOMMENDED
 
 
 def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
@@ -46,21 +47,10 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
       num_hiddens=128,
       num_residual_layers=2,
       num_residual_hiddens=32,
-      num_embeddings=512,
-      embedding_dim=64,
-      commitment_cost=0.25,
-      epsilon=1e-5,
       residual_skip='relu',
       dtype='float32',  # convolutions; 'bfloat16' on TPU. Quantizer and losses stay float32.
-      **RECOMMENDED,  # decay 0.99 and the codebook remedies
-      rotation_trick=False,
-      # The family (vqvae_jax.QUANTIZERS; None: decay picks 'ema' or 'vq') and its options.
-      quantizer=ml_collections.config_dict.placeholder(str),
-      fsq_levels=(8, 8, 8),
-      lfq_entropy_weight=0.1,
-      lfq_entropy_temperature=0.01,
-      lfq_entropy_groups=ml_collections.config_dict.placeholder(int),
-      num_quantizers=2,
-      quantizer_dropout=0.0,
+      # `family` (vqvae_jax.QUANTIZERS) and each family's fields: train/configs/quantizer_families.py.
+      # 'ema': the seed's VQ-EMA, 512 x 64 codes, with the codebook remedies.
+      quantizer=quantizer_families.quantizer_config('ema'),
   ))
   return quantizer_families.apply(config, quantizer_family)

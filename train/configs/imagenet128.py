@@ -10,9 +10,10 @@ steps with batch-size 128." This config follows that: `num_hiddens = num_residua
 does not state the code dimension D; it keeps the seed's 64. Where this config departs from
 the paper: the codebook uses the recommended remedies for collapse (`vqvae_jax.RECOMMENDED`:
 EMA, zero-debiased, k-means init, dead-code restart) as every config here does; the paper's
-plain VQ is `--config.model.decay=0.0 --config.model.codebook_init=seed
---config.model.dead_code_threshold=0.0`. The convolutions run in bfloat16; the quantizer and
-the losses stay float32.
+plain VQ is `--config.model.quantizer.family=vq
+--config.model.quantizer.vq.codebook_init=seed
+--config.model.quantizer.vq.dead_code_threshold=0.0`. The convolutions run in bfloat16; the
+quantizer and the losses stay float32.
 
 Data: `imagenet2012` from tfds, prepared beforehand (tfds needs ImageNet's tar files placed
 by hand: https://www.tensorflow.org/datasets/catalog/imagenet2012), or a folder in ImageNet's
@@ -63,8 +64,8 @@ def get_config(quantizer_family: str = ''):
   config.model.num_hiddens = 256
   config.model.num_residual_layers = 2
   config.model.num_residual_hiddens = 256
-  config.model.num_embeddings = 512
-  config.model.embedding_dim = 64
-  config.model.commitment_cost = 0.25
+  for family in ('vq', 'ema'):  # the paper's K, D (the seed's) and beta
+    config.model.quantizer[family].update(num_embeddings=512, embedding_dim=64,
+                                          commitment_cost=0.25)
   config.model.dtype = 'bfloat16'
   return config

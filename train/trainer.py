@@ -13,10 +13,11 @@ import numpy as np
 from train import data as data_lib
 from train import evaluate as evaluate_lib
 from train import loop
+from train import perceptual_eval
 from train.checkpoints import write_run_info
 from train.errors import UserError
 from train.step import TrainState, create_train_state, make_optimizer, make_train_step, \
-    model_from_config
+    model_from_config, to_model_input
 
 __all__ = ['train_and_evaluate', 'validate', 'UserError']
 
@@ -26,6 +27,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   loop.validate(config)
   loop.check_integer(config, 'num_reconstructions', 0, 'an integer >= 0')
   loop.check_integer(config, 'image_size', 0, "an integer >= 0 (0 keeps the dataset's size)")
+  perceptual_eval.validate(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -41,12 +43,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tx = make_optimizer(config)
   mesh = loop.data_mesh()
   evaluator = evaluate_lib.Evaluator(model, mesh, config.eval_batch_size, config.data_workers)
+  perceptual = perceptual_eval.ReconstructionMetrics(
+      lambda v, x: model.apply(v, to_model_input(x))[0], mesh, config, workdir)
   task = loop.Task(
       train_data=data.train,
       init_state=functools.partial(create_train_state, model, tx),
       train_steps=make_train_step(model, tx),
-      evaluate=lambda state, step: _evaluate(evaluator, state, data, variance, config, workdir,
-                                             step),
+      evaluate=lambda state, step: {
+          **_evaluate(evaluator, state, data, variance, config, workdir, step),
+          **perceptual({'params': state.params, 'batch_stats': state.batch_stats}, data.eval)},
       step_args=(np.float32(variance),),
       notice=lambda: _skipped_notice(data.skipped(), workdir))
   return loop.run(task, config, workdir, mesh)

@@ -55,6 +55,12 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 3
   config.num_reconstructions = 8  # images in the reconstruction PNG
+  # Perceptual evaluation (train/perceptual_eval.py, docs/metrics.md): LPIPS is cheap at small
+  # sizes; rFID runs InceptionV3 at 299 px on every held-out image, so it is off on CPUs.
+  config.eval_lpips = True
+  config.lpips_network = 'alexnet'
+  config.eval_rfid = False
+  config.fid_weights = ''  # '' = ~/.cache/vqvae_jax/fid_inception_v3.npz (python -m train.fid --fetch-weights)
 
   config.model = ml_collections.ConfigDict(dict(
       num_hiddens=128,

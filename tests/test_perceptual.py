@@ -263,3 +263,26 @@ def test_perceptual_metrics_stay_out_of_the_plain_library():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO})
   assert out.stdout.strip() == 'False []'
+
+
+def test_trainer_reconstruction_metrics_and_cached_reference(tmp_path, golden, mesh, features):
+  """eval_lpips and eval_rfid of perfect reconstructions are 0; the held-out split's statistics
+  are written to the workdir and read back from it. InceptionV3 on 12 images and its compile:
+  about 40 s on 2 idle cores."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from train import perceptual_eval  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      eval_lpips=True, lpips_network='alexnet', eval_rfid=True, fid_weights='',
+      eval_batch_size=8, data_workers=0, dataset='npz:x', eval_split='test', image_size=0))
+  images = golden['images_32']
+  perfect = perceptual_eval.ReconstructionMetrics(
+      lambda v, x: x.astype(jnp.float32) / 255 - 0.5, mesh, config, str(tmp_path))
+  metrics = perfect(None, images)
+  assert abs(metrics['eval_lpips']) < 1e-9 and abs(metrics['eval_rfid']) < 1e-6, metrics
+  assert (tmp_path / perceptual_eval.FID_REFERENCE).exists()
+  # A cached reference for this split is read, not recomputed: here, the 64 px set's.
+  np.savez(tmp_path / perceptual_eval.FID_REFERENCE, key=f'npz:x:test:0:{len(images)}',
+           **dict(zip(('mu', 'sigma'), perceptual.feature_statistics(features[64]))))
+  np.testing.assert_allclose(perfect(None, images)['eval_rfid'], golden['fid_32_64'], rtol=1e-3)
+  with pytest.raises(Exception, match='lpips_network'):
+    perceptual_eval.validate(ml_collections.ConfigDict(dict(lpips_network='resnet')))

@@ -70,11 +70,6 @@ def load_inception(path: Optional[str] = None) -> Any:
     raise UserError(f'{e}; make them again with: {FETCH_COMMAND}') from e
 
 
-def _to_rgb_project_range(images_uint8):
-  images = images_uint8.astype(jnp.float32) / 255.0 - 0.5
-  return jnp.tile(images, (1, 1, 1, 3)) if images.shape[-1] == 1 else images
-
-
 class InceptionFeatures:
   """pool3 features of uint8 image splits, batches sharded over `mesh`'s 'data' axis."""
 
@@ -90,16 +85,15 @@ class InceptionFeatures:
     self.of_images = jax.jit(lambda v, x: network.apply(v, perceptual.preprocess(rgb(x))),
                              out_shardings=replicated)
     """`of_images(variables, images)`: features of a batch in [-0.5, 0.5], C 1 or 3."""
-    self._features = jax.jit(
-        lambda v, x: network.apply(v, perceptual.preprocess(_to_rgb_project_range(x))),
-        out_shardings=replicated)
+    # uint8 batches go through the same compiled network as float ones.
+    self._to_float = jax.jit(lambda x: x.astype(jnp.float32) / 255.0 - 0.5)
 
   def __call__(self, images, workers: int = 0) -> np.ndarray:
     """float32 `[N, 2048]` for uint8 `[N, H, W, 1 or 3]` images or a source of them."""
     chunks = []
     for batch, weights in input_pipeline.sharded_split(images, self.batch_size, self.sharding,
                                                        workers):
-      features = np.asarray(self._features(self.variables, batch))
+      features = np.asarray(self.of_images(self.variables, self._to_float(batch)))
       chunks.append(features[np.asarray(weights) > 0])
     return np.concatenate(chunks)
 

@@ -173,7 +173,7 @@ def inception_variables():
 @pytest.fixture(scope='module')
 def features(inception_variables, golden, mesh):
   """The JAX features of the golden images at 32, 64 and 299 px: 12 InceptionV3 passes at 299
-  px on 8 CPU devices, the one compile included, take about 30 s on 2 cores."""
+  px on 8 CPU devices, the one compile included: about 10 s on 2 idle cores."""
   from train import perceptual_eval  # pylint: disable=g-import-not-at-top
   extractor = perceptual_eval.InceptionFeatures(inception_variables, mesh, batch_size=8)
   return {size: extractor(golden[f'images_{size}']) for size in (32, 64, 299)}
@@ -235,7 +235,7 @@ def test_fid_command_bad_input_is_one_line(tmp_path):
 
 
 def test_fid_command_saves_statistics_and_compares_sets(tmp_path, golden, features):
-  """One process on one device that compiles InceptionV3 for one batch: about 40 s on 2 cores."""
+  """One process on one device that compiles InceptionV3 for one batch: about 10 s on 2 cores."""
   np.savez(tmp_path / 'a.npz', images=golden['images_32'])
   from train import perceptual_eval  # pylint: disable=g-import-not-at-top
   perceptual_eval.save_statistics(str(tmp_path / 'b_stats.npz'),
@@ -268,7 +268,7 @@ def test_perceptual_metrics_stay_out_of_the_plain_library():
 def test_trainer_reconstruction_metrics_and_cached_reference(tmp_path, golden, mesh, features):
   """eval_lpips and eval_rfid of perfect reconstructions are 0; the held-out split's statistics
   are written to the workdir and read back from it. InceptionV3 on 12 images and its compile:
-  about 40 s on 2 idle cores."""
+  about 13 s on 2 idle cores."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from train import perceptual_eval  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(

@@ -13,12 +13,12 @@ import numpy as np
 from train import data as data_lib
 from train import evaluate as evaluate_lib
 from train import loop
-from train import pictures
+from train import perceptual_eval, pictures
 from train.checkpoints import write_run_info
 from train.errors import UserError
 from train.state import TrainState
 from train.step import create_train_state, identity_of_model_config, make_optimizer, \
-    make_train_step, model_from_config
+    make_train_step, model_from_config, to_model_input
 
 __all__ = ['train_and_evaluate', 'validate', 'UserError']
 
@@ -31,6 +31,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.image_channels not in (0, 1, 3) or isinstance(config.image_channels, bool):
     raise UserError(f'config.image_channels={config.image_channels!r}; accepted: 0 (the '
                     f"images' own), 1 or 3.")
+  perceptual_eval.validate(config)
   model_from_config(config.model, config.image_channels or 3)  # its fields, before any data
 
 
@@ -51,12 +52,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tx = make_optimizer(config)
   mesh = loop.data_mesh()
   evaluator = evaluate_lib.Evaluator(model, mesh, config.eval_batch_size, config.data_workers)
+  perceptual = perceptual_eval.ReconstructionMetrics(
+      lambda v, x: model.apply(v, to_model_input(x))[0], mesh, config, workdir)
   task = loop.Task(
       train_data=data.train,
       init_state=functools.partial(create_train_state, model, tx),
       train_steps=make_train_step(model, tx),
-      evaluate=lambda state, step: _evaluate(evaluator, state, data, variance, config, workdir,
-                                             step),
+      evaluate=lambda state, step: {
+          **_evaluate(evaluator, state, data, variance, config, workdir, step),
+          **perceptual({'params': state.params, 'batch_stats': state.batch_stats}, data.eval)},
       step_args=(np.float32(variance),),
       notice=lambda: _skipped_notice(data.skipped(), workdir))
   return loop.run(task, config, workdir, mesh)

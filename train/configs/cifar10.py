@@ -42,6 +42,12 @@ def get_config(quantizer_family: str = '') -> ml_collections.ConfigDict:
   # The loop's keys keep their defaults: Sonnet's batch 32 and Adam 3e-4, 10k steps, 10 per
   # dispatch; logs every 100 steps, evaluation every 2k, checkpoints every 1k (3 kept).
   config.num_reconstructions = 8  # images in the reconstruction PNG
+  # Perceptual evaluation (train/perceptual_eval.py, docs/metrics.md): LPIPS is cheap at small
+  # sizes; rFID runs InceptionV3 at 299 px on every held-out image, so it is off on CPUs.
+  config.eval_lpips = True
+  config.lpips_network = 'alexnet'
+  config.eval_rfid = False
+  config.fid_weights = ''  # '' = ~/.cache/vqvae_jax/fid_inception_v3.npz (python -m train.fid --fetch-weights)
 
   config.model = ml_collections.ConfigDict(dict(
       num_hiddens=128,

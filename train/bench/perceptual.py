@@ -22,17 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train import perceptual_eval
 from train.bench.device import device_description
+from train.bench.measure import best_seconds
 from vqvae_jax import perceptual
-
-
-def _best_seconds(fn, rounds):
-  jax.block_until_ready(fn())  # compile
-  best = float('inf')
-  for _ in range(rounds):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def main(argv=None):
@@ -72,9 +63,9 @@ def main(argv=None):
     b = jax.device_put(jax.random.uniform(key_b, (batch, size, size, 3)) - 0.5, sharding)
     row = {'size': size, 'batch_size': batch}
     for net, (apply, params) in lpips.items():
-      row[f'lpips_{net}_images_per_s'] = batch / _best_seconds(lambda: apply(params, a, b),
+      row[f'lpips_{net}_images_per_s'] = batch / best_seconds(lambda: apply(params, a, b),
                                                                args.rounds)
-    row['inception_images_per_s'] = batch / _best_seconds(
+    row['inception_images_per_s'] = batch / best_seconds(
         lambda: inception.of_images(inception.variables, a), args.rounds)
     rows.append(row)
     print(json.dumps(row), flush=True)

@@ -28,7 +28,8 @@ for dtype in (jnp.float32, jnp.bfloat16):
     row = {'dtype': jnp.dtype(dtype).name, 'size': size, 'batch_size': batch}
     for net, (apply, params) in lpips.items():
       row[f'lpips_{net}_images_per_s'] = batch / best_seconds(lambda: apply(params, a, b), 5)
-    row['inception_images_per_s'] = batch / best_seconds(lambda: features(inception_variables, a), 5)
+    row['inception_images_per_s'] = batch / best_seconds(
+        lambda: features(inception_variables, a), 5)
     rows.append(row)
     print(json.dumps(row), flush=True)
 with open(sys.argv[1], 'w') as f:

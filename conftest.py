@@ -18,6 +18,10 @@
   loads in a fraction of its compile time. The cache is keyed by the program, the jax version
   and the XLA flags, so it never serves a different program; a fresh directory keeps each
   session's compiles its own.
+* XLA's C++ logs only fatal errors (TF_CPP_MIN_LOG_LEVEL=3), in the tests and the programs they
+  start: jaxlib 0.10.1 logs an error line for each program it loads from that cache (it reads
+  the compiling machine's tuning features, `+prefer-no-gather`, as missing on the same
+  machine), and the command-line tests check that a user error is the only line on stderr.
 """
 
 import atexit
@@ -37,6 +41,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
